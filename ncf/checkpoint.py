@@ -1,0 +1,143 @@
+"""The model directory written by `ncf fit` and read by `ncf export` / `ncf evaluate`.
+
+Layout (every file plain data, nothing pickled):
+  config.json          format version, the selected model's config, training settings
+  weights.pt           {"format_version", "config", "state_dict"}: loads with weights_only=True
+  users.parquet        column user_id: raw user ids in their original type; row = user index
+  items.parquet        column item_id: raw item ids; row = item index
+  interactions.parquet user_idx, item_idx (int32): every input interaction, for seen-item masking
+  metrics.json         per-stage validation and test metrics
+
+The directory is built under a temporary name beside the target and renamed into place,
+so a crash leaves either the old complete directory or the new complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from ncf.errors import NcfError
+from ncf.models import ModelConfig, NCFModel, build_model
+
+FORMAT_VERSION = 1
+REQUIRED_FILES = ("config.json", "weights.pt", "users.parquet", "items.parquet", "interactions.parquet")
+
+
+@dataclass
+class ModelDir:
+    model: NCFModel
+    config: dict
+    user_ids: pl.Series
+    item_ids: pl.Series
+    seen_users: np.ndarray  # int32 user index of every known interaction
+    seen_items: np.ndarray  # int32 item index, aligned with seen_users
+    metrics: dict
+
+
+def model_state(model: NCFModel) -> dict:
+    """A plain self-describing dict: the config rebuilds the module, tensors fill it."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def model_from_state(state: dict) -> NCFModel:
+    model = build_model(ModelConfig(**state["config"]))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
+
+
+def save_model_dir(
+    path: Path,
+    model: NCFModel,
+    *,
+    user_ids: pl.Series,
+    item_ids: pl.Series,
+    seen_users: np.ndarray,
+    seen_items: np.ndarray,
+    config: dict | None = None,
+    metrics: dict | None = None,
+) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NcfError(f"{path} exists and is not a directory")
+    parent = path.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is ordinary output
+    try:
+        torch.save(model_state(model), tmp / "weights.pt")
+        full_config = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), **(config or {})}
+        (tmp / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
+        pl.DataFrame({"user_id": user_ids}).write_parquet(tmp / "users.parquet")
+        pl.DataFrame({"item_id": item_ids}).write_parquet(tmp / "items.parquet")
+        pl.DataFrame(
+            {"user_idx": np.asarray(seen_users, np.int32), "item_idx": np.asarray(seen_items, np.int32)}
+        ).write_parquet(tmp / "interactions.parquet")
+        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` into `target`; the old directory is removed only after the swap."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model_dir(path: Path) -> ModelDir:
+    path = Path(path)
+    if not path.is_dir():
+        raise NcfError(f"model directory {path} not found; train one with `ncf fit DATA`")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise NcfError(f"{path} is not a complete ncf model directory (missing {', '.join(missing)})")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt files: one line, not a traceback
+        raise NcfError(f"cannot read model in {path}: {exc}") from exc
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION or config.get("format_version") != FORMAT_VERSION:
+        raise NcfError(
+            f"{path} was written by another ncf version (format {version}, expected {FORMAT_VERSION}); retrain it"
+        )
+    try:
+        model = model_from_state(state)
+        users = pl.read_parquet(path / "users.parquet")["user_id"]
+        items = pl.read_parquet(path / "items.parquet")["item_id"]
+        inter = pl.read_parquet(path / "interactions.parquet")
+    except Exception as exc:
+        raise NcfError(f"cannot read model in {path}: {exc}") from exc
+    if (len(users), len(items)) != (model.cfg.n_users, model.cfg.n_items):
+        raise NcfError(f"{path}: vocabulary sizes do not match the weights; the directory is inconsistent")
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return ModelDir(
+        model=model,
+        config=config,
+        user_ids=users,
+        item_ids=items,
+        seen_users=inter["user_idx"].to_numpy(),
+        seen_items=inter["item_idx"].to_numpy(),
+        metrics=metrics,
+    )

@@ -1,0 +1,166 @@
+"""`ncf fit`: split, evaluation sets, the stages of the chosen path, test metrics once per
+stage, and the model directory. With pre-training (the default): GMF, then MLP, then
+NeuMF initialised from both, trained with Adam, then with SGD + momentum. The model
+written out is the stage with the best validation HR@10; the test set is only reported."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncf.checkpoint import save_model_dir
+from ncf.data import Interactions
+from ncf.errors import NcfError
+from ncf.evaluation import EvalSet, evaluate, popularity_scorer, torch_scorer
+from ncf.models import GMF, MLP, ModelConfig, NeuMF, build_model, tower_layers
+from ncf.sampling import PositiveSet
+from ncf.split import Split, leave_one_out
+from ncf.train import BatchCallback, EpochCallback, EpochData, StageConfig, StageResult, train_stage
+
+MIN_TRAIN_INTERACTIONS = 10
+
+
+@dataclass
+class FitConfig:
+    model: str = "neumf"  # gmf | mlp | neumf | fused
+    pretrain: bool = True  # only for neumf
+    factors: int = 8
+    mlp_layers: int = 3  # hidden layers after the concatenated embeddings: 64-32-16-8
+    activation: str = "relu"
+    epochs: int = 20  # per stage (GMF, MLP, NeuMF-Adam)
+    sgd_epochs: int = 10  # NeuMF continued with SGD + momentum
+    batch_size: int = 256
+    lr: float = 1e-3
+    neumf_lr: float = 1e-3  # Adam on the pre-trained NeuMF
+    sgd_lr: float = 1e-3
+    momentum: float = 0.9
+    alpha: float = 0.5
+    num_neg: int = 4
+    patience: int = 3
+    k: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class FitReport:
+    stages: dict[str, dict] = field(default_factory=dict)  # name -> val/test metrics
+    selected: str = ""
+    n_users: int = 0
+    n_items: int = 0
+    n_interactions: int = 0
+    n_train: int = 0
+    n_eval_users: int = 0
+    n_users_train_only: int = 0
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NcfError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise NcfError(f"--device must be auto, cpu or cuda (got {name!r})")
+    return torch.device(name)
+
+
+def build_eval_sets(inter: Interactions, split: Split, seed: int) -> tuple[EvalSet, EvalSet]:
+    """Validation: ranks the validation item, never against the test item. Test: ranks
+    the test item, never against training or validation items. Sampled negatives come
+    from items the user never interacted with at all."""
+    everything = PositiveSet(inter.users, inter.items, inter.n_items)
+    val = EvalSet.build(
+        split.val_users, split.val_items, everything,
+        np.concatenate([split.train_users, split.test_users]),
+        np.concatenate([split.train_items, split.test_items]),
+        inter.n_items, seed=seed + 1,
+    )
+    test = EvalSet.build(
+        split.test_users, split.test_items, everything,
+        np.concatenate([split.train_users, split.val_users]),
+        np.concatenate([split.train_items, split.val_items]),
+        inter.n_items, seed=seed + 2,
+    )
+    return val, test
+
+
+def fit(
+    inter: Interactions,
+    cfg: FitConfig,
+    out_dir: Path | None,
+    on_epoch: EpochCallback | None = None,
+    on_batch: BatchCallback | None = None,
+) -> FitReport:
+    started = time.perf_counter()
+    split = leave_one_out(inter, seed=cfg.seed)
+    if len(split.train_users) < MIN_TRAIN_INTERACTIONS or len(split.test_users) == 0:
+        raise NcfError(
+            f"too few interactions to train: {len(inter)} unique pairs from {inter.n_users} users; "
+            f"need at least {MIN_TRAIN_INTERACTIONS} training pairs and one user with "
+            "3 or more interactions"
+        )
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    val, test = build_eval_sets(inter, split, cfg.seed)
+    data = EpochData(split.train_users, split.train_items, inter.n_items, device)
+    report = FitReport(n_users=inter.n_users, n_items=inter.n_items, n_interactions=len(inter),
+                       n_train=len(split.train_users), n_eval_users=len(test),
+                       n_users_train_only=split.n_users_train_only)
+
+    pop = popularity_scorer(split.train_items, inter.n_items)
+    report.stages["itempop"] = {"val": evaluate(pop, val, cfg.k, full=False),
+                                "test": evaluate(pop, test, cfg.k)}
+
+    def stage(name: str, model, epochs: int, lr: float, optimizer: str = "adam") -> StageResult:
+        sc = StageConfig(name=name, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
+                         optimizer=optimizer, momentum=cfg.momentum, num_neg=cfg.num_neg,
+                         patience=cfg.patience, seed=cfg.seed + len(report.stages))
+        result = train_stage(model.to(device), data, val, sc, on_epoch, on_batch)
+        report.stages[name] = {
+            "val": result.val,
+            "test": evaluate(torch_scorer(result.model), test, cfg.k),
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history) - 1,
+            "seconds": round(result.seconds, 2),
+            "samples_per_s": round(result.samples_per_s),
+            "history": result.history,
+        }
+        results[name] = result
+        return result
+
+    def config(kind: str) -> ModelConfig:
+        return ModelConfig(kind, inter.n_users, inter.n_items, cfg.factors,
+                           tower_layers(cfg.factors, cfg.mlp_layers), cfg.activation)
+
+    results: dict[str, StageResult] = {}
+    if cfg.model == "neumf" and cfg.pretrain:
+        gmf = stage("gmf", GMF(config("gmf")), cfg.epochs, cfg.lr).model
+        mlp = stage("mlp", MLP(config("mlp")), cfg.epochs, cfg.lr).model
+        neumf = NeuMF.from_pretrained(gmf.cpu(), mlp.cpu(), cfg.alpha)
+        neumf = stage("neumf", neumf, cfg.epochs, cfg.neumf_lr).model
+        if cfg.sgd_epochs > 0:
+            stage("neumf-sgd", copy.deepcopy(neumf), cfg.sgd_epochs, cfg.sgd_lr, optimizer="sgd")
+    else:
+        name = cfg.model if cfg.model != "neumf" else "neumf-scratch"
+        stage(name, build_model(config(cfg.model)), cfg.epochs, cfg.lr)
+
+    # choose on validation only; later stages win ties (they start from earlier ones)
+    report.selected = max(results, key=lambda n: (results[n].val["hr@10"], results[n].val["ndcg@10"],
+                                                  list(results).index(n)))
+    report.seconds = time.perf_counter() - started
+    if out_dir is not None:
+        save_model_dir(
+            out_dir, results[report.selected].model.cpu(),
+            user_ids=inter.user_ids, item_ids=inter.item_ids,
+            seen_users=inter.users, seen_items=inter.items,
+            config={"selected_stage": report.selected, "fit": asdict(cfg), "source": inter.source,
+                    "n_interactions": len(inter)},
+            metrics=asdict(report),
+        )
+    return report
