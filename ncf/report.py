@@ -63,7 +63,7 @@ def stage_table(stages: dict, k: int = 10, title: str = "test metrics (leave-one
     table = Table(title=title)
     for col in ("stage", f"val HR@{k}", f"HR@{k}", f"NDCG@{k}", f"full HR@{k}", f"full NDCG@{k}",
                 "best epoch", "seconds"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
     for name, s in stages.items():
         t = s["test"]
         table.add_row(name, _fmt(s["val"].get(f"hr@{k}")), _fmt(t.get(f"hr@{k}")), _fmt(t.get(f"ndcg@{k}")),

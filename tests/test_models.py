@@ -1,0 +1,70 @@
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from ncf.checkpoint import load_model_dir, model_from_state, model_state, save_model_dir
+from ncf.models import GMF, MLP, ModelConfig, NeuMF, build_model, tower_layers
+
+
+def _pretrained(seed=0):
+    torch.manual_seed(seed)
+    gmf = GMF(ModelConfig("gmf", 13, 17))
+    mlp = MLP(ModelConfig("mlp", 13, 17))
+    for p in list(gmf.parameters()) + list(mlp.parameters()):  # make every value distinct
+        with torch.no_grad():
+            p.normal_()
+    return gmf, mlp
+
+
+def test_tower_halves():
+    assert tower_layers(8) == (64, 32, 16, 8)
+    assert tower_layers(16, 2) == (64, 32, 16)
+    mlp = MLP(ModelConfig("mlp", 3, 3, layers=tower_layers(8)))
+    assert [(lin.in_features, lin.out_features) for lin in mlp.tower.linears] == [(64, 32), (32, 16), (16, 8)]
+    assert mlp.user_mlp.embedding_dim == 32
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_neumf_from_pretrained_copies_exactly(alpha):
+    gmf, mlp = _pretrained()
+    neumf = NeuMF.from_pretrained(gmf, mlp, alpha)
+    assert torch.equal(neumf.user_gmf.weight, gmf.user_gmf.weight)
+    assert torch.equal(neumf.item_gmf.weight, gmf.item_gmf.weight)
+    assert torch.equal(neumf.user_mlp.weight, mlp.user_mlp.weight)
+    assert torch.equal(neumf.item_mlp.weight, mlp.item_mlp.weight)
+    for a, b in zip(neumf.tower.linears, mlp.tower.linears):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    h = torch.cat([alpha * gmf.h.weight, (1 - alpha) * mlp.h.weight], dim=1)
+    assert torch.equal(neumf.h.weight, h)
+    assert torch.equal(neumf.h.bias, alpha * gmf.h.bias + (1 - alpha) * mlp.h.bias)
+    # and hence the initial NeuMF logit is the alpha-blend of the two pre-trained logits
+    u, i = torch.arange(13).repeat(17), torch.arange(17).repeat_interleave(13)
+    with torch.no_grad():
+        blend = alpha * gmf(u, i) + (1 - alpha) * mlp(u, i)
+        assert torch.allclose(neumf(u, i), blend, atol=1e-5)
+
+
+def test_fused_model_is_section_3_4_formula():
+    m = build_model(ModelConfig("fused", 4, 5, factors=3))
+    u, i = torch.tensor([1, 2]), torch.tensor([0, 4])
+    p, q = m.user_emb.weight[u], m.item_emb.weight[i]
+    expected = m.h(torch.relu(p * q + torch.cat([p, q], -1) @ m.linear.weight.T + m.linear.bias)).squeeze(-1)
+    assert torch.allclose(m(u, i), expected)
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    gmf, mlp = _pretrained(1)
+    neumf = NeuMF.from_pretrained(gmf, mlp)
+    save_model_dir(tmp_path / "m", neumf, user_ids=pl.Series(list(range(100, 113))),
+                   item_ids=pl.Series([f"i{k}" for k in range(17)]),
+                   seen_users=np.array([0, 1]), seen_items=np.array([3, 4]))
+    raw = torch.load(tmp_path / "m" / "weights.pt", map_location="cpu", weights_only=True)
+    assert raw["config"]["kind"] == "neumf"
+    md = load_model_dir(tmp_path / "m")
+    for (k, a), (_, b) in zip(neumf.state_dict().items(), md.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert md.user_ids.dtype == pl.Int64 and md.item_ids.dtype == pl.String
+    assert md.item_ids[3] == "i3" and md.seen_items.tolist() == [3, 4]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
+    assert torch.equal(model_from_state(model_state(neumf)).h.weight, neumf.h.weight)

@@ -1,0 +1,40 @@
+import numpy as np
+
+from ncf.sampling import PositiveSet, evaluation_negatives, training_negatives
+
+
+def _data(rng, n_users=50, n_items=40):
+    users = np.repeat(np.arange(n_users), 15)
+    items = np.concatenate([rng.choice(n_items, 15, replace=False) for _ in range(n_users)])
+    return users, items
+
+
+def test_training_negatives_are_never_positives_and_resampled():
+    rng = np.random.default_rng(0)
+    users, items = _data(rng)
+    pos = PositiveSet(users, items, 40)
+    nu, ni = training_negatives(users, pos, 4, rng)
+    assert len(nu) == 4 * len(users)
+    assert not pos.contains(nu, ni).any()
+    nu2, ni2 = training_negatives(users, pos, 4, rng)
+    assert not np.array_equal(ni, ni2)  # redrawn each epoch
+
+
+def test_evaluation_negatives_unique_unseen_and_not_the_test_item():
+    rng = np.random.default_rng(1)
+    users, items = _data(rng, n_users=30, n_items=130)
+    pos = PositiveSet(users, items, 130)
+    eval_users = np.arange(30)
+    negs = evaluation_negatives(eval_users, pos, 99, rng)
+    assert negs.shape == (30, 99)
+    for u, row in zip(eval_users, negs):
+        assert len(set(row.tolist())) == 99
+        assert not set(row.tolist()) & set(items[users == u].tolist())  # includes the test item
+
+
+def test_evaluation_negatives_pad_when_too_few_items():
+    users = np.repeat([0], 8)
+    items = np.arange(8)
+    pos = PositiveSet(users, items, 10)
+    negs = evaluation_negatives(np.array([0]), pos, 5, np.random.default_rng(0))
+    assert sorted(negs[0].tolist()) == [-1, -1, -1, 8, 9]
