@@ -1,0 +1,354 @@
+"""GridScorer: one ONNX Runtime session on the grid graph of `model.onnx`, plus the
+vocabularies, seen items and popularity that the file carries. Torch-free.
+
+The same class serves the local `ncf score` path and one actor of a distributed path
+(build it from the model bytes with `GridScorer.from_bytes`).
+
+Execution:
+* CPU: one session with intra-op threads = 1, run concurrently from `threads` Python threads
+  (ONNX Runtime releases the GIL), each on its own chunk of `chunk_users` users against all
+  candidates. Chunks this small keep the [L1, B*N] intermediates near the cache; running
+  whole chunks in parallel avoids the per-operator fork/join of intra-op threading, which was
+  measured to cost more than it gives on these small operators.
+* CUDA: one session, larger chunks, I/O binding: the item tables stay on the device (an
+  OrtValue made once), inputs are tiny and the outputs are bound to host memory because only
+  B x k values leave.
+Chunk shapes are steady: the last chunk is padded with user 0 and the excluded pairs are
+padded (with a repeated pair) to a power-of-two count, so ONNX Runtime sees a handful of
+shapes and its memory does not grow with new ones.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batch import modelfile as mf
+from ncf.errors import NcfError
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_PAIRS_PER_CHUNK = 16_384  # measured best on a 2-core EPYC: 4 users x 3,706 items
+CUDA_PAIRS_PER_CHUNK = 1 << 22
+
+
+@dataclass
+class TopK:
+    """Per user row: `items` item indices (-1 where fewer than k candidates were left after
+    masking), `scores` probabilities (NaN there), `logits`, `counts` valid entries per row."""
+
+    items: np.ndarray  # int64 [n, k]
+    scores: np.ndarray  # float32 [n, k]
+    logits: np.ndarray  # float32 [n, k]
+    counts: np.ndarray  # int64 [n]
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_session(data: bytes, device: str, *, intra_threads: int = 1, source: str = "model"):
+    """(session, provider, note). `cuda` raises NcfError unless the CUDA provider really
+    attached (ONNX Runtime falls back to CPU silently: only get_providers() tells);
+    `auto` tries CUDA when this onnxruntime build has it and says what ran."""
+    if device not in DEVICES:
+        raise NcfError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = intra_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def create(providers):
+        try:
+            return ort.InferenceSession(data, so, providers=providers)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NcfError(f"cannot load {source} with ONNX Runtime: {msg}") from exc
+
+    available = ort.get_available_providers()
+    note = ""
+    if device in ("cuda", "auto"):
+        if CUDA_EP in available:
+            if device == "auto":  # a failed attach is expected on CPU machines: keep it quiet
+                ort.set_default_logger_severity(4)
+            try:
+                sess = create([CUDA_EP, CPU_EP])
+            finally:
+                ort.set_default_logger_severity(2)
+            if sess.get_providers()[0] == CUDA_EP:
+                return sess, CUDA_EP, "CUDA provider attached"
+            note = "CUDA provider did not attach (no GPU or CUDA/cuDNN libraries missing)"
+            if device == "cuda":
+                raise NcfError(
+                    f"--device cuda: the CUDA provider did not attach; ONNX Runtime would run on CPU "
+                    f"({note}); use --device cpu or auto, or install the CUDA/cuDNN libraries onnxruntime-gpu needs"
+                )
+            return sess, CPU_EP, note + "; running on CPU"
+        note = "this onnxruntime build has no CUDA provider"
+        if device == "cuda":
+            raise NcfError(
+                f"--device cuda: {note} (available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        note += "; running on CPU"
+    sess = create([CPU_EP])
+    return sess, CPU_EP, note or "CPU requested"
+
+
+def _bucket(n: int) -> int:
+    return 0 if n == 0 else max(16, 1 << (n - 1).bit_length())
+
+
+class GridScorer:
+    """Top-k of a batch of user indices against the candidate items, on the grid graph."""
+
+    def __init__(
+        self,
+        model: bytes | str | Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        chunk_users: int | None = None,
+        source: str | None = None,
+    ):
+        if isinstance(model, (str, Path)):
+            path = Path(model)
+            source = source or str(path)
+            if not path.is_file():
+                raise NcfError(f"model file {path} not found; create it with `ncf export`")
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise NcfError(f"cannot read model file {path}: {exc}") from exc
+        else:
+            data = bytes(model)
+            source = source or "model bytes"
+        self.source = source
+        self.session, self.provider, self.device_note = make_session(data, device, intra_threads=1, source=source)
+        try:
+            props = self.session.get_modelmeta().custom_metadata_map
+        except Exception as exc:  # pragma: no cover - ORT always has a meta object
+            raise NcfError(f"{source}: cannot read ONNX metadata: {exc}") from exc
+        self.meta = mf.decode_metadata(props, source=source, expect_graph="grid")
+        names_in = {i.name for i in self.session.get_inputs()}
+        names_out = {o.name for o in self.session.get_outputs()}
+        if not set(mf.GRID_INPUTS) <= names_in or not set(mf.GRID_OUTPUTS) <= names_out:
+            raise NcfError(f"{source}: the grid graph lacks the expected inputs/outputs; re-export it")
+        if self.meta.seen_indptr is None:
+            raise NcfError(f"{source}: the grid graph carries no seen-item table; re-export it")
+        self.item_table_names = [o.name[len("table."):] for o in self.session.get_outputs() if o.name.startswith("table.")]
+        self.cuda = self.provider == CUDA_EP
+        self.threads = 1 if self.cuda else max(1, threads or cpu_count())
+        self._chunk_override = chunk_users
+        self._pool: ThreadPoolExecutor | None = None
+        self.set_candidates(None)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, **kwargs) -> "GridScorer":
+        return cls(data, **kwargs)
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs) -> "GridScorer":
+        return cls(Path(path), **kwargs)
+
+    # ------------------------------------------------------------------ vocabularies
+    @property
+    def n_users(self) -> int:
+        return self.meta.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.meta.n_items
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def user_ids(self) -> pa.Array:
+        return self.meta.user_ids
+
+    @property
+    def item_ids(self) -> pa.Array:
+        return self.meta.item_ids
+
+    @staticmethod
+    def _index(ids: pa.Array, vocab: pa.Array) -> np.ndarray:
+        if len(ids) == 0:
+            return np.zeros(0, np.int64)
+        idx = pc.index_in(ids, value_set=vocab)
+        return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def user_index(self, ids: pa.Array) -> np.ndarray:
+        """Raw user ids (already of the vocabulary's type) -> user indices, -1 if unknown."""
+        return self._index(ids, self.meta.user_ids)
+
+    def item_index(self, ids: pa.Array) -> np.ndarray:
+        return self._index(ids, self.meta.item_ids)
+
+    def seen_items(self, user: int) -> np.ndarray:
+        a, b = self.meta.seen_indptr[user], self.meta.seen_indptr[user + 1]
+        return self.meta.seen_items[a:b]
+
+    # ------------------------------------------------------------------ candidates
+    def set_candidates(self, items: np.ndarray | None) -> None:
+        """Restrict scoring to these item indices (None: every item). Stored sorted and
+        unique, so positions in the candidate list follow item index order (tie order)."""
+        self._feeds_tables: dict = {}
+        self._ort_tables: dict = {}
+        if items is None:
+            self.candidates = None
+            self.n_candidates = self.n_items
+            self._pos_of_item = None
+        else:
+            items = np.unique(np.asarray(items, np.int64))
+            if len(items) == 0:
+                raise NcfError("the candidate item set is empty")
+            if items[0] < 0 or items[-1] >= self.n_items:
+                raise NcfError("candidate item indices outside the model's vocabulary")
+            self.candidates = items
+            self.n_candidates = len(items)
+            self._pos_of_item = np.full(self.n_items, -1, np.int64)
+            self._pos_of_item[items] = np.arange(len(items))
+            if len(items) < self.n_items:
+                names = [f"table.{n}" for n in self.item_table_names]
+                full = self.session.run(names, self._feed(np.zeros(1, np.int64), 1, np.zeros((0, 2), np.int64)))
+                self._feeds_tables = {n: np.ascontiguousarray(t[..., items]) for n, t in zip(self.item_table_names, full)}
+            else:
+                self.candidates, self._pos_of_item = None, None
+        if self.cuda and self._feeds_tables:
+            ort = _ort()
+            self._ort_tables = {n: ort.OrtValue.ortvalue_from_numpy(t, "cuda", 0) for n, t in self._feeds_tables.items()}
+        pairs = CUDA_PAIRS_PER_CHUNK if self.cuda else CPU_PAIRS_PER_CHUNK
+        self.chunk_users = int(self._chunk_override or max(1, min(4096, round(pairs / self.n_candidates))))
+        self._popular = None
+
+    def popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most popular candidates (interactions in the training input; ties by item
+        index ascending): (item indices, counts)."""
+        if self._popular is None:
+            cand = self.candidates if self.candidates is not None else np.arange(self.n_items)
+            pop = self.meta.popularity[cand]
+            order = np.lexsort((cand, -pop))
+            self._popular = (cand[order], pop[order])
+        return self._popular[0][:k], self._popular[1][:k]
+
+    # ------------------------------------------------------------------ scoring
+    def _feed(self, users: np.ndarray, k: int, exclude: np.ndarray) -> dict:
+        feed = {"users": users, "k": np.array([k], np.int64), "exclude": exclude}
+        feed.update(self._feeds_tables)
+        return feed
+
+    def _exclusions(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, candidate position) of every seen item of `users`, sorted by row."""
+        indptr, seen = self.meta.seen_indptr, self.meta.seen_items
+        starts, lens = indptr[users], indptr[users + 1] - indptr[users]
+        total = int(lens.sum())
+        rows = np.repeat(np.arange(len(users), dtype=np.int64), lens)
+        first = np.repeat(np.cumsum(lens) - lens, lens)
+        pos = seen[np.repeat(starts, lens) + (np.arange(total, dtype=np.int64) - first)].astype(np.int64)
+        if self._pos_of_item is not None:
+            pos = self._pos_of_item[pos]
+            keep = pos >= 0
+            rows, pos = rows[keep], pos[keep]
+        return rows, pos
+
+    def _run(self, users: np.ndarray, k: int, exclude: np.ndarray):
+        if not self.cuda:
+            return self.session.run(list(mf.GRID_OUTPUTS), self._feed(users, k, exclude))
+        io = self.session.io_binding()
+        io.bind_cpu_input("users", users)
+        io.bind_cpu_input("k", np.array([k], np.int64))
+        io.bind_cpu_input("exclude", exclude)
+        for name, value in self._ort_tables.items():
+            io.bind_ortvalue_input(name, value)
+        for name in mf.GRID_OUTPUTS:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()
+
+    def topk(self, users: np.ndarray, k: int, *, exclude_seen: bool = True) -> TopK:
+        """Top-k candidates of each user index in `users` (any length: split into steady
+        chunks of `chunk_users`, padded). Items in the user's training input are excluded
+        unless exclude_seen=False; a user with fewer than k unexcluded candidates gets
+        fewer valid entries (the rest: item -1, score NaN)."""
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        k = int(k)
+        if k <= 0 or k > self.n_candidates:
+            raise NcfError(f"k must be between 1 and the number of candidate items ({self.n_candidates}), got {k}")
+        n = len(users)
+        if n == 0:
+            e = np.zeros((0, k))
+            return TopK(e.astype(np.int64), e.astype(np.float32), e.astype(np.float32), np.zeros(0, np.int64))
+        if users.min() < 0 or users.max() >= self.n_users:  # never hand a bad index to a session
+            raise NcfError(f"user indices must lie in [0, {self.n_users}); got {users.min()}..{users.max()}")
+        b = self.chunk_users
+        n_chunks = -(-n // b)
+        padded = np.zeros(n_chunks * b, np.int64)
+        padded[:n] = users
+        if exclude_seen:
+            rows, pos = self._exclusions(users)
+            bounds = np.searchsorted(rows, np.arange(n_chunks + 1) * b)
+        empty = np.zeros((0, 2), np.int64)
+
+        def one(c: int):
+            ex = empty
+            if exclude_seen and bounds[c + 1] > bounds[c]:
+                lo, hi = bounds[c], bounds[c + 1]
+                s = int(hi - lo)
+                ex = np.empty((_bucket(s), 2), np.int64)
+                ex[:s, 0] = rows[lo:hi] - c * b
+                ex[:s, 1] = pos[lo:hi]
+                ex[s:] = ex[0]  # padding repeats a pair: ScatterND writes the same -inf again
+            return self._run(padded[c * b:(c + 1) * b], k, ex)
+
+        if self.threads > 1 and n_chunks > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ncf-score")
+            results = list(self._pool.map(one, range(n_chunks)))
+        else:
+            results = [one(c) for c in range(n_chunks)]
+        score = np.concatenate([r[0] for r in results])[:n]
+        logit = np.concatenate([r[1] for r in results])[:n]
+        position = np.concatenate([r[2] for r in results])[:n]
+        # Deterministic order: logit descending, candidate position (= item index order)
+        # ascending. ONNX TopK already guarantees this; re-sort only if a provider did not.
+        if k > 1:
+            ok = (logit[:, :-1] > logit[:, 1:]) | ((logit[:, :-1] == logit[:, 1:]) & (position[:, :-1] < position[:, 1:]))
+            if not ok.all():
+                order = np.lexsort((position, -logit), axis=-1)
+                score, logit, position = (np.take_along_axis(a, order, 1) for a in (score, logit, position))
+        valid = logit > -np.inf
+        items = position if self.candidates is None else self.candidates[position]
+        items = np.where(valid, items, -1)
+        score = np.where(valid, score, np.float32(np.nan)).astype(np.float32)
+        return TopK(items.astype(np.int64), score, logit, valid.sum(axis=1))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "GridScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
