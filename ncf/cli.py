@@ -179,6 +179,7 @@ def demo_data(
     users: Annotated[int, typer.Option(help="Number of users.")] = 800,
     items: Annotated[int, typer.Option(help="Number of items.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    users_out: Annotated[Optional[Path], typer.Option(help="Also write the user ids as Parquet.")] = None,
     verbose: Verbose = False,
 ):
     """Write a SYNTHETIC implicit-feedback CSV (popularity skew + latent tastes) for trying ncf."""
@@ -186,8 +187,13 @@ def demo_data(
     def run():
         from ncf.synthetic import write_demo_csv
 
+        import polars as pl
+
         write_demo_csv(out, n_users=users, n_items=items, seed=seed)
         typer.echo(f"wrote {out} (synthetic data)")
+        if users_out is not None:
+            pl.read_csv(out).select(pl.col("user_id").unique().sort()).write_parquet(users_out)
+            typer.echo(f"wrote {users_out}")
 
     _run(run, verbose)
 

@@ -103,3 +103,22 @@ def _lookup(raw: pl.Series, vocab: pl.Series) -> np.ndarray:
     pos = np.minimum(pos, len(vocab) - 1)
     found = (vocab.gather(pos) == raw.fill_null(vocab[0])).to_numpy() & raw.is_not_null().to_numpy()
     return np.where(found, pos, -1)
+
+
+def official_metrics(score, test: OfficialTest, seen_users: np.ndarray, seen_items: np.ndarray,
+                     n_items: int, k: int = 10) -> dict[str, float]:
+    """`score` is an evaluation ScoreFn. Sampled ranks over the authors' negatives; full ranking over every item except the
+    user's other known interactions; plus the pessimistic bound for unknown negatives."""
+    from ncf.evaluation import EvalSet, full_ranks, sampled_ranks
+    from ncf.metrics import summarize
+    from ncf.sampling import PositiveSet
+
+    ev = EvalSet.build(test.users, test.items, PositiveSet(seen_users, seen_items, n_items),
+                       seen_users, seen_items, n_items, seed=0, negatives=test.negatives)
+    ranks = sampled_ranks(score, ev)
+    return {
+        **summarize(ranks, k),
+        **summarize(full_ranks(score, ev), k, prefix="full_"),
+        **summarize(ranks + test.unknown_negatives, k, prefix="pessimistic_"),
+        "users": len(test.users),
+    }

@@ -9,6 +9,7 @@ import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from ncf.checkpoint import save_model_dir
 from ncf.data import Interactions
 from ncf.errors import NcfError
 from ncf.evaluation import EvalSet, evaluate, popularity_scorer, torch_scorer
-from ncf.models import GMF, MLP, ModelConfig, NeuMF, build_model, tower_layers
+from ncf.models import GMF, MLP, ModelConfig, NCFModel, NeuMF, build_model, tower_layers
 from ncf.sampling import PositiveSet
 from ncf.split import Split, leave_one_out
 from ncf.train import BatchCallback, EpochCallback, EpochData, StageConfig, StageResult, train_stage
@@ -96,6 +97,7 @@ def fit(
     out_dir: Path | None,
     on_epoch: EpochCallback | None = None,
     on_batch: BatchCallback | None = None,
+    on_stage: Callable[[str, NCFModel], None] | None = None,
 ) -> FitReport:
     started = time.perf_counter()
     split = leave_one_out(inter, seed=cfg.seed)
@@ -132,6 +134,8 @@ def fit(
             "history": result.history,
         }
         results[name] = result
+        if on_stage:
+            on_stage(name, result.model)
         return result
 
     def config(kind: str) -> ModelConfig:

@@ -93,22 +93,14 @@ def print_stored_metrics(model_dir: Path) -> None:
 def evaluate_official(model_dir: Path, rating: Path, negative: Path, remap_from: Path | None, k: int) -> dict:
     """HR/NDCG@k on the authors' test rows and negatives, sampled and full ranking."""
     from ncf.checkpoint import load_model_dir
-    from ncf.evaluation import EvalSet, full_ranks, sampled_ranks, torch_scorer
-    from ncf.metrics import summarize
-    from ncf.official import load_official_test
-    from ncf.sampling import PositiveSet
+    from ncf.evaluation import torch_scorer
+    from ncf.official import load_official_test, official_metrics
 
     md = load_model_dir(model_dir)
     test = load_official_test(rating, negative, md.user_ids, md.item_ids, remap_from)
     if len(test.users) == 0:
         raise NcfError("no test row refers to a user and item this model knows; check --remap-from")
-    ev = EvalSet.build(test.users, test.items, PositiveSet(md.seen_users, md.seen_items, len(md.item_ids)),
-                       md.seen_users, md.seen_items, len(md.item_ids), seed=0, negatives=test.negatives)
-    scorer = torch_scorer(md.model)
-    ranks = sampled_ranks(scorer, ev)
-    result = summarize(ranks, k)
-    result.update(summarize(full_ranks(scorer, ev), k, prefix="full_"))
-    worst = summarize(ranks + test.unknown_negatives, k, prefix="pessimistic_")
+    result = official_metrics(torch_scorer(md.model), test, md.seen_users, md.seen_items, len(md.item_ids), k)
     table = Table(title=f"{md.config.get('selected_stage', md.model.cfg.kind)} on {Path(negative).name}")
     for col in (f"HR@{k}", f"NDCG@{k}", f"full HR@{k}", f"full NDCG@{k}", "users"):
         table.add_column(col, justify="right")
@@ -121,6 +113,6 @@ def evaluate_official(model_dir: Path, rating: Path, negative: Path, remap_from:
         f"{test.n_unknown_test_items:,} test items unknown (skipped); test item listed among its own "
         f"negatives for {test.n_positive_in_negatives:,} users (counted once); {n_unknown:,} negatives "
         f"are items the model never saw (left out; if each outranked the test item: "
-        f"HR@{k} {worst[f'pessimistic_hr@{k}']:.4f}, NDCG@{k} {worst[f'pessimistic_ndcg@{k}']:.4f}).",
+        f"HR@{k} {result[f'pessimistic_hr@{k}']:.4f}, NDCG@{k} {result[f'pessimistic_ndcg@{k}']:.4f}).",
         highlight=False)
-    return {**result, **worst, "users": len(test.users)}
+    return result
