@@ -49,10 +49,13 @@ def fit(
     activation: Annotated[str, typer.Option(help="MLP activation: relu, tanh or sigmoid.")] = "relu",
     epochs: Annotated[int, typer.Option(help="Max epochs per stage (early-stopped on validation).")] = 20,
     sgd_epochs: Annotated[int, typer.Option(help="Max epochs of NeuMF's SGD+momentum stage.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 256,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (GMF, MLP, NeuMF from scratch).")] = 1e-3,
-    neumf_lr: Annotated[float, typer.Option(help="Adam learning rate of the pre-trained NeuMF.")] = 1e-3,
-    sgd_lr: Annotated[float, typer.Option(help="SGD learning rate of the final stage.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Training batch size (the paper: 256).")] = 2048,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Adam learning rate of GMF, MLP, NeuMF from scratch [default: 1e-3 * batch-size / 256].")] = None,
+    neumf_lr: Annotated[Optional[float], typer.Option(
+        help="Adam learning rate of the pre-trained NeuMF [default: lr / 4].")] = None,
+    sgd_lr: Annotated[Optional[float], typer.Option(
+        help="SGD+momentum learning rate of the last stage [default: 1e-3 * batch-size / 256].")] = None,
     alpha: Annotated[float, typer.Option(help="Pre-training trade-off: h = [a h_GMF; (1-a) h_MLP].")] = 0.5,
     num_neg: Annotated[int, typer.Option(help="Sampled negatives per positive, redrawn each epoch.")] = 4,
     patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without gain.")] = 3,
@@ -63,6 +66,10 @@ def fit(
     rating_col: Annotated[Optional[str], typer.Option(help="Rating column (default: detected).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, sampling and initialisation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    test_rating: Annotated[Optional[Path], typer.Option(
+        help="Use these test rows (authors' *.test.rating) instead of each user's latest.")] = None,
+    remap_from: Annotated[Optional[Path], typer.Option(
+        help="With --test-rating: rebuild the authors' 0-based ids from this ratings file.")] = None,
     verbose: Verbose = False,
 ):
     """Train NCF on an interactions file; write the model directory (default ncf-model/)."""
@@ -90,8 +97,15 @@ def fit(
                                   time_col=time_col, min_rating=min_rating)
         typer.echo(f"{data}: {len(inter):,} interactions, {inter.n_users:,} users, {inter.n_items:,} items "
                    f"(ids: {inter.user_ids.dtype} / {inter.item_ids.dtype})")
+        fixed_test = None
+        if test_rating is not None:
+            from ncf.official import official_test_pairs
+
+            fixed_test = official_test_pairs(test_rating, inter.user_ids, inter.item_ids, remap_from)
+            typer.echo(f"{test_rating}: {len(fixed_test[0]):,} test rows used as held-out items")
         with FitProgress() as progress:
-            report = fit_model(inter, cfg, out, on_epoch=progress.epoch, on_batch=progress.batch)
+            report = fit_model(inter, cfg, out, on_epoch=progress.epoch, on_batch=progress.batch,
+                               fixed_test=fixed_test)
         print_fit_report(report)
         typer.echo(f"wrote {out}/ (selected stage: {report.selected}) in {report.seconds:.1f}s")
 

@@ -53,37 +53,62 @@ def _read_negative_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return users, items, negs
 
 
+class _Remap:
+    """Authors' 0-based ids -> raw ids (identity without a remap file)."""
+
+    def __init__(self, remap_from: Path | None):
+        self.users, self.items = authors_remap(remap_from) if remap_from is not None else (None, None)
+
+    @staticmethod
+    def _to_raw(ids: np.ndarray, raw: pl.Series | None) -> pl.Series:
+        if raw is None:
+            return pl.Series(ids)
+        ok = ids < len(raw)  # beyond the remap file: unknown (null)
+        vals = raw.gather(np.where(ok, ids, 0))
+        return pl.select(pl.when(pl.Series(ok)).then(vals).otherwise(None)).to_series()
+
+    def user(self, ids: np.ndarray) -> pl.Series:
+        return self._to_raw(ids, self.users)
+
+    def item(self, ids: np.ndarray) -> pl.Series:
+        return self._to_raw(ids, self.items)
+
+
+def _read_rating_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not Path(path).is_file():
+        raise NcfError(f"test file {path} not found")
+    rating = read_table(path)
+    if rating.width < 2 or not all(rating[c].dtype.is_integer() for c in rating.columns[:2]):
+        raise NcfError(f"{path}: expected integer 'user<TAB>item...' rows (the authors' *.test.rating)")
+    return (rating[rating.columns[0]].to_numpy().astype(np.int64),
+            rating[rating.columns[1]].to_numpy().astype(np.int64))
+
+
+def official_test_pairs(rating_path: Path, user_vocab: pl.Series, item_vocab: pl.Series,
+                        remap_from: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The test rows as (user index, item index) of a vocabulary, for `ncf fit --test-rating`:
+    rows whose user or item the data does not have are left out."""
+    r_users, r_items = _read_rating_file(rating_path)
+    remap = _Remap(remap_from)
+    u, i = _lookup(remap.user(r_users), user_vocab), _lookup(remap.item(r_items), item_vocab)
+    keep = (u >= 0) & (i >= 0)
+    return u[keep], i[keep]
+
+
 def load_official_test(rating_path: Path, negative_path: Path, user_vocab: pl.Series,
                        item_vocab: pl.Series, remap_from: Path | None) -> OfficialTest:
-    for p in (rating_path, negative_path):
-        if not Path(p).is_file():
-            raise NcfError(f"test file {p} not found")
-    rating = read_table(rating_path)
-    r_users = rating[rating.columns[0]].to_numpy().astype(np.int64)
-    r_items = rating[rating.columns[1]].to_numpy().astype(np.int64)
+    r_users, r_items = _read_rating_file(rating_path)
+    if not Path(negative_path).is_file():
+        raise NcfError(f"test file {negative_path} not found")
     n_users, n_items, negs = _read_negative_file(negative_path)
     if len(n_users) != len(r_users) or not (np.array_equal(n_users, r_users) and np.array_equal(n_items, r_items)):
         raise NcfError("the rating and negative files do not list the same (user, item) rows in the same order")
-
-    if remap_from is not None:
-        raw_users, raw_items = authors_remap(remap_from)
-
-        def to_raw(ids: np.ndarray, raw: pl.Series) -> pl.Series:
-            """Authors' index -> raw id; null where the remap file does not reach (unknown)."""
-            ok = ids < len(raw)
-            vals = raw.gather(np.where(ok, ids, 0))
-            return pl.select(pl.when(pl.Series(ok)).then(vals).otherwise(None)).to_series()
-
-        user_raw, item_raw = to_raw(r_users, raw_users), to_raw(r_items, raw_items)
-        neg_raw = to_raw(negs.ravel(), raw_items)
-    else:
-        user_raw, item_raw, neg_raw = pl.Series(r_users), pl.Series(r_items), pl.Series(negs.ravel())
-
-    u_all = _lookup(user_raw, user_vocab)
-    i_all = _lookup(item_raw, item_vocab)
+    remap = _Remap(remap_from)
+    u_all = _lookup(remap.user(r_users), user_vocab)
+    i_all = _lookup(remap.item(r_items), item_vocab)
     keep = (u_all >= 0) & (i_all >= 0)
     u_idx, i_idx = u_all[keep], i_all[keep]
-    n_idx = _lookup(neg_raw, item_vocab).reshape(negs.shape)[keep]
+    n_idx = _lookup(remap.item(negs.ravel()), item_vocab).reshape(negs.shape)[keep]
     unknown = np.count_nonzero(n_idx < 0, axis=1)
     dup = n_idx == i_idx[:, None]
     n_idx = np.where(dup, -1, n_idx)

@@ -35,10 +35,12 @@ class FitConfig:
     activation: str = "relu"
     epochs: int = 20  # per stage (GMF, MLP, NeuMF-Adam)
     sgd_epochs: int = 10  # NeuMF continued with SGD + momentum
-    batch_size: int = 256
-    lr: float = 1e-3
-    neumf_lr: float = 1e-3  # Adam on the pre-trained NeuMF
-    sgd_lr: float = 1e-3
+    # Paper: batch 256, Adam 1e-3. Measured (README): batch 2048 with the learning rate
+    # scaled linearly (1e-3 * batch / 256) trains 4-5x faster per epoch at equal quality.
+    batch_size: int = 2048
+    lr: float | None = None  # Adam, GMF / MLP / NeuMF from scratch; None = the scaling rule
+    neumf_lr: float | None = None  # Adam on the pre-trained NeuMF; None = a quarter of lr
+    sgd_lr: float | None = None  # SGD + momentum, the last stage; None = the scaling rule
     momentum: float = 0.9
     alpha: float = 0.5
     num_neg: int = 4
@@ -46,6 +48,11 @@ class FitConfig:
     k: int = 10
     seed: int = 0
     device: str = "auto"
+
+
+def scaled_lr(batch_size: int, base: float = 1e-3, base_batch: int = 256) -> float:
+    """The linear scaling rule: the paper's Adam 1e-3 at batch 256, proportionally above."""
+    return base * batch_size / base_batch
 
 
 @dataclass
@@ -98,9 +105,10 @@ def fit(
     on_epoch: EpochCallback | None = None,
     on_batch: BatchCallback | None = None,
     on_stage: Callable[[str, NCFModel], None] | None = None,
+    fixed_test: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FitReport:
     started = time.perf_counter()
-    split = leave_one_out(inter, seed=cfg.seed)
+    split = leave_one_out(inter, seed=cfg.seed, fixed_test=fixed_test)
     if len(split.train_users) < MIN_TRAIN_INTERACTIONS or len(split.test_users) == 0:
         raise NcfError(
             f"too few interactions to train: {len(inter)} unique pairs from {inter.n_users} users; "
@@ -142,17 +150,20 @@ def fit(
         return ModelConfig(kind, inter.n_users, inter.n_items, cfg.factors,
                            tower_layers(cfg.factors, cfg.mlp_layers), cfg.activation)
 
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.batch_size)
+    neumf_lr = cfg.neumf_lr if cfg.neumf_lr is not None else lr / 4
+    sgd_lr = cfg.sgd_lr if cfg.sgd_lr is not None else scaled_lr(cfg.batch_size)
     results: dict[str, StageResult] = {}
     if cfg.model == "neumf" and cfg.pretrain:
-        gmf = stage("gmf", GMF(config("gmf")), cfg.epochs, cfg.lr).model
-        mlp = stage("mlp", MLP(config("mlp")), cfg.epochs, cfg.lr).model
+        gmf = stage("gmf", GMF(config("gmf")), cfg.epochs, lr).model
+        mlp = stage("mlp", MLP(config("mlp")), cfg.epochs, lr).model
         neumf = NeuMF.from_pretrained(gmf.cpu(), mlp.cpu(), cfg.alpha)
-        neumf = stage("neumf", neumf, cfg.epochs, cfg.neumf_lr).model
+        neumf = stage("neumf", neumf, cfg.epochs, neumf_lr).model
         if cfg.sgd_epochs > 0:
-            stage("neumf-sgd", copy.deepcopy(neumf), cfg.sgd_epochs, cfg.sgd_lr, optimizer="sgd")
+            stage("neumf-sgd", copy.deepcopy(neumf), cfg.sgd_epochs, sgd_lr, optimizer="sgd")
     else:
         name = cfg.model if cfg.model != "neumf" else "neumf-scratch"
-        stage(name, build_model(config(cfg.model)), cfg.epochs, cfg.lr)
+        stage(name, build_model(config(cfg.model)), cfg.epochs, lr)
 
     # choose on validation only; later stages win ties (they start from earlier ones)
     report.selected = max(results, key=lambda n: (results[n].val["hr@10"], results[n].val["ndcg@10"],

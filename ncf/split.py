@@ -31,13 +31,22 @@ class Split:
     n_users_train_only: int
 
 
-def leave_one_out(inter: Interactions, seed: int = 0) -> Split:
+def leave_one_out(inter: Interactions, seed: int = 0,
+                  fixed_test: tuple[np.ndarray, np.ndarray] | None = None) -> Split:
+    """`fixed_test` = (user indices, item indices): given test items (e.g. the NCF authors'
+    test rows, whose ties in time were broken by no rule we can rebuild); those users'
+    validation item is then their latest other interaction."""
     users, items = inter.users, inter.items
     if inter.timestamps is not None:
         when = inter.timestamps
     else:
         when = np.random.default_rng(seed).random(len(users))
-    order = np.lexsort((items, when, users))  # by user, then time, then item id
+    given = np.zeros(len(users), dtype=bool)
+    if fixed_test is not None:
+        from ncf.sampling import PositiveSet
+
+        given = PositiveSet(*fixed_test, inter.n_items).contains(users, items)
+    order = np.lexsort((items, when, given, users))  # by user, given test last, time, item id
     users, items = users[order], items[order]
     counts = np.bincount(users, minlength=inter.n_users)
     ends = np.cumsum(counts)  # one past each user's last row

@@ -42,3 +42,14 @@ def test_split_without_timestamps_is_seeded_and_order_free():
     a = leave_one_out(index_interactions(frame), seed=1)
     b = leave_one_out(index_interactions(frame.reverse()), seed=1)
     assert np.array_equal(a.test_items, b.test_items) and np.array_equal(a.val_items, b.val_items)
+
+
+def test_fixed_test_items_override_the_latest():
+    inter = index_interactions(_frame())
+    a = inter.user_ids.to_list().index("a")
+    item10 = inter.item_ids.to_list().index(10)
+    s = leave_one_out(inter, fixed_test=(np.array([a]), np.array([item10])))
+    iid = inter.item_ids.to_list()
+    assert iid[s.test_items[0]] == 10  # given, although it is a's earliest interaction
+    assert iid[s.val_items[0]] == 13  # latest of the rest
+    assert iid[s.test_items[1]] == 12  # b: plain leave-one-out

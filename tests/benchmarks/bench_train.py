@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from ncf.data import load_interactions  # noqa: E402
 from ncf.evaluation import evaluate, torch_scorer  # noqa: E402
 from ncf.models import ModelConfig, NeuMF  # noqa: E402
-from ncf.pipeline import FitConfig, build_eval_sets  # noqa: E402
+from ncf.pipeline import FitConfig, build_eval_sets, scaled_lr  # noqa: E402
 from ncf.split import leave_one_out  # noqa: E402
 from ncf.synthetic import synthetic_interactions  # noqa: E402
 from ncf.data import index_interactions  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = NeuMF(mcfg)
-    sc = StageConfig("bench", batch_size=cfg.batch_size, lr=cfg.lr, num_neg=cfg.num_neg)
+    sc = StageConfig("bench", batch_size=cfg.batch_size, lr=scaled_lr(cfg.batch_size), num_neg=cfg.num_neg)
     opt = make_optimizer(model, sc)
     data = EpochData(split.train_users, split.train_items, inter.n_items, torch.device("cpu"))
     rng = np.random.default_rng(0)
