@@ -1,0 +1,1 @@
+"""Batch scoring with ONNX Runtime: `ncf score`. Never imports torch."""

@@ -13,9 +13,10 @@ target and renamed into place on success; the temporary file is removed on any f
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -158,7 +159,7 @@ class TopNWriter:
         self._writer = None
         self._done = False
 
-    def __enter__(self) -> "TopNWriter":
+    def __enter__(self):
         import pyarrow.parquet as pq
 
         try:
@@ -210,11 +211,9 @@ class TopNWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._done:
-            try:
-                if self._writer is not None:
+            if self._writer is not None:
+                with contextlib.suppress(Exception):  # the failure that got us here matters more
                     self._writer.close()
-            except Exception:
-                pass
             self.tmp.unlink(missing_ok=True)
 
 

@@ -222,7 +222,11 @@ def decode_metadata(props: dict[str, str], *, source: str, expect_graph: str | N
         raise NcfError(f"{source}: ncf metadata is damaged ({type(exc).__name__}: {exc}); re-export the model") from exc
     if (len(meta.user_ids), len(meta.item_ids)) != (meta.n_users, meta.n_items) or len(popularity) != meta.n_items:
         raise NcfError(f"{source}: vocabulary sizes in the metadata do not match the model; re-export it")
-    if indptr is not None and (len(indptr) != meta.n_users + 1 or indptr[-1] != len(seen_items)):
+    if indptr is not None and (
+        len(indptr) != meta.n_users + 1
+        or indptr[-1] != len(seen_items)
+        or (len(seen_items) and (seen_items.min() < 0 or seen_items.max() >= meta.n_items))
+    ):
         raise NcfError(f"{source}: seen-item table does not match the model; re-export it")
     if vocab_hash(meta.user_ids, meta.item_ids) != meta.vocab_hash:
         raise NcfError(f"{source}: vocabulary hash mismatch (the metadata was altered); re-export the model")

@@ -24,7 +24,6 @@ Memory is bounded by the read batch and the scoring chunk, not by the number of 
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,14 @@ def _progress(enabled: bool, total: int):
         return None
     try:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
     except ImportError:  # pragma: no cover - rich comes with typer
         return None
     console = Console(stderr=True)
@@ -51,10 +57,11 @@ def _progress(enabled: bool, total: int):
         return None
     return Progress(
         TextColumn("scoring"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
-        TextColumn("users  {task.fields[users_s]:>9,.0f} users/s  {task.fields[pairs_s]:>12,.0f} pairs/s"),
+        TextColumn("users | {task.fields[users_s]:,.0f} users/s | {task.fields[pairs_s]:,.2f} M pairs/s |"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
         transient=False,
@@ -117,9 +124,9 @@ def score_users(
 
         seen_user = np.zeros(scorer.n_users, bool)
         seen_unknown: set = set()
-        stats = dict(users_in=0, scored=0, unknown=0, duplicates=0, short=0, pairs=0)
+        stats = {"users_in": 0, "scored": 0, "unknown": 0, "duplicates": 0, "short": 0, "pairs": 0}
         # Users scored per topk call: enough chunks to keep every thread busy, bounded memory.
-        super_users = max(scorer.chunk_users * scorer.threads * 8, (1 << 24) // n_c)
+        super_users = max(scorer.chunk_users * scorer.threads * 8, (1 << 22) // n_c)
         super_users = min(super_users, 1 << 16)
         super_users -= super_users % scorer.chunk_users or 0
         super_users = max(super_users, scorer.chunk_users)
@@ -128,26 +135,37 @@ def score_users(
 
         with bio.TopNWriter(out, schema) as writer:
             task = bar.add_task("score", total=total, users_s=0.0, pairs_s=0.0) if bar else None
+
+            def tick(n_users: int) -> None:
+                if bar:
+                    el = max(time.perf_counter() - t1, 1e-9)
+                    bar.update(task, advance=n_users, users_s=stats["scored"] / el, pairs_s=stats["pairs"] / el / 1e6)
+
             if bar:
                 bar.start()
+            t1 = time.perf_counter()  # setup (model, vocabularies, checks) ends here
             try:
                 pend_idx: list[np.ndarray] = []
                 pend_ids: list[pa.Array] = []
                 pend_n = 0
 
-                def flush_known() -> None:
+                def flush_known(final: bool = True) -> None:
+                    """Score the pending users in whole super-chunks; the rest waits unless final."""
                     nonlocal pend_idx, pend_ids, pend_n
-                    if not pend_n:
+                    take = pend_n if final else pend_n - pend_n % super_users
+                    if not take:
                         return
                     idx = np.concatenate(pend_idx)
                     ids = pa.concat_arrays(pend_ids)
-                    pend_idx, pend_ids, pend_n = [], [], 0
-                    for lo in range(0, len(idx), super_users):
-                        res = scorer.topk(idx[lo:lo + super_users], k, exclude_seen=not include_seen)
-                        _write_topk(writer, ids.slice(lo, super_users), res, scorer.item_ids)
+                    pend_idx, pend_ids, pend_n = [idx[take:]], [ids.slice(take)], pend_n - take
+                    for lo in range(0, take, super_users):
+                        hi = min(lo + super_users, take)
+                        res = scorer.topk(idx[lo:hi], k, exclude_seen=not include_seen)
+                        _write_topk(writer, ids.slice(lo, hi - lo), res, scorer.item_ids)
                         stats["scored"] += len(res.counts)
                         stats["short"] += int((res.counts < k).sum())
                         stats["pairs"] += len(res.counts) * n_c
+                        tick(len(res.counts))
 
                 for raw in bio.iter_ids(users_ds, users_col):
                     ids = bio.cast_ids(raw, user_type, users_path, users_col, "user")
@@ -167,8 +185,7 @@ def score_users(
                             pend_idx.append(idx[keep])
                             pend_ids.append(ids.take(pa.array(keep)))
                             pend_n += len(keep)
-                    if pend_n >= super_users:
-                        flush_known()
+                    flush_known(final=False)
                     upos = np.flatnonzero(~known)
                     if len(upos):
                         new = []
@@ -189,13 +206,10 @@ def score_users(
                                 pop_ids.take(pa.array(np.tile(np.arange(len(pop_items)), reps))),
                                 pa.nulls(reps * len(pop_items), pa.float32()),
                             )
-                    if bar:
-                        el = max(time.perf_counter() - t0, 1e-9)
-                        bar.update(task, advance=n, users_s=stats["scored"] / el, pairs_s=stats["pairs"] / el)
+                    tick(n - len(keep) if len(kpos) else n)  # unknown and duplicate rows; scored ones tick when scored
                 flush_known()
                 if bar:
-                    el = max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, users_s=stats["scored"] / el, pairs_s=stats["pairs"] / el)
+                    bar.update(task, completed=total)
             finally:
                 if bar:
                     bar.stop()
@@ -207,7 +221,8 @@ def score_users(
     finally:
         scorer.close()
 
-    seconds = time.perf_counter() - t0
+    t2 = time.perf_counter()
+    seconds, scoring = t2 - t0, t2 - t1
     summary = {
         "out": str(out),
         "model": str(model_path),
@@ -228,13 +243,14 @@ def score_users(
         "row_groups": writer.row_groups,
         "chunk_users": scorer.chunk_users,
         "threads": scorer.threads,
-        "seconds": seconds,
-        "users_per_s": stats["scored"] / seconds if seconds else 0.0,
-        "pairs_per_s": stats["pairs"] / seconds if seconds else 0.0,
+        "seconds": seconds,  # whole run, including loading the model
+        "scoring_seconds": scoring,  # reading, scoring and writing
+        "users_per_s": stats["scored"] / scoring if scoring else 0.0,
+        "pairs_per_s": stats["pairs"] / scoring if scoring else 0.0,
     }
     summary["line"] = (
         f"{summary['users_scored']:,} users scored, {summary['unknown_users']:,} unknown ({summary['unknown_handling']}), "
-        f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s on {scorer.provider} "
+        f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s ({seconds - scoring:.1f}s loading) on {scorer.provider} "
         f"({summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s)"
     )
     return summary

@@ -21,6 +21,7 @@ shapes and its memory does not grow with new ones.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,29 +89,68 @@ def make_session(data: bytes, device: str, *, intra_threads: int = 1, source: st
     note = ""
     if device in ("cuda", "auto"):
         if CUDA_EP in available:
-            if device == "auto":  # a failed attach is expected on CPU machines: keep it quiet
-                ort.set_default_logger_severity(4)
-            try:
+            with _captured_stderr() as captured:  # ORT logs why CUDA failed; keep it for our one line
                 sess = create([CUDA_EP, CPU_EP])
-            finally:
-                ort.set_default_logger_severity(2)
             if sess.get_providers()[0] == CUDA_EP:
                 return sess, CUDA_EP, "CUDA provider attached"
-            note = "CUDA provider did not attach (no GPU or CUDA/cuDNN libraries missing)"
+            reason = _cuda_reason(captured.text())
+            note = f"CUDA provider did not attach ({reason})"
             if device == "cuda":
                 raise NcfError(
-                    f"--device cuda: the CUDA provider did not attach; ONNX Runtime would run on CPU "
-                    f"({note}); use --device cpu or auto, or install the CUDA/cuDNN libraries onnxruntime-gpu needs"
+                    f"--device cuda: the CUDA provider did not attach ({reason}); ONNX Runtime would silently "
+                    f"run on CPU instead. Use --device cpu or auto, or install what onnxruntime-gpu needs"
                 )
-            return sess, CPU_EP, note + "; running on CPU"
+            return sess, CPU_EP, note + "; ran on CPU"
         note = "this onnxruntime build has no CUDA provider"
         if device == "cuda":
             raise NcfError(
                 f"--device cuda: {note} (available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
             )
-        note += "; running on CPU"
+        note += "; ran on CPU"
     sess = create([CPU_EP])
     return sess, CPU_EP, note or "CPU requested"
+
+
+class _captured_stderr:
+    """Redirect file descriptor 2 (where ONNX Runtime's C++ logger writes) to a temporary
+    file for the duration of a session creation."""
+
+    def __enter__(self):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except (OSError, ValueError, AttributeError):  # no usable fd 2: just do not capture
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        return False
+
+    def text(self) -> str:
+        self._file.seek(0)
+        data = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        return data
+
+
+def _cuda_reason(log: str) -> str:
+    """The useful part of ONNX Runtime's complaint, e.g. the missing library."""
+    import re
+
+    m = re.search(r"error: ([^\n\x1b]*?cannot open shared object file)", log)
+    if m:
+        return "missing library: " + m.group(1).split(":")[0].strip()
+    m = re.search(r"Require ([^\n\x1b.]*)", log)
+    if m:
+        return "needs " + m.group(1).strip()
+    return "no GPU, or the CUDA/cuDNN libraries are missing"
 
 
 def _bucket(n: int) -> int:
@@ -154,7 +194,9 @@ class GridScorer:
             raise NcfError(f"{source}: the grid graph lacks the expected inputs/outputs; re-export it")
         if self.meta.seen_indptr is None:
             raise NcfError(f"{source}: the grid graph carries no seen-item table; re-export it")
-        self.item_table_names = [o.name[len("table."):] for o in self.session.get_outputs() if o.name.startswith("table.")]
+        self.item_table_names = [i.name for i in self.session.get_overridable_initializers() if i.name.startswith("item_")]
+        self._data = data if not isinstance(model, (str, Path)) else None
+        self._path = Path(model) if isinstance(model, (str, Path)) else None
         self.cuda = self.provider == CUDA_EP
         self.threads = 1 if self.cuda else max(1, threads or cpu_count())
         self._chunk_override = chunk_users
@@ -162,11 +204,11 @@ class GridScorer:
         self.set_candidates(None)
 
     @classmethod
-    def from_bytes(cls, data: bytes, **kwargs) -> "GridScorer":
+    def from_bytes(cls, data: bytes, **kwargs) -> GridScorer:
         return cls(data, **kwargs)
 
     @classmethod
-    def from_path(cls, path: str | Path, **kwargs) -> "GridScorer":
+    def from_path(cls, path: str | Path, **kwargs) -> GridScorer:
         return cls(Path(path), **kwargs)
 
     # ------------------------------------------------------------------ vocabularies
@@ -229,9 +271,7 @@ class GridScorer:
             self._pos_of_item = np.full(self.n_items, -1, np.int64)
             self._pos_of_item[items] = np.arange(len(items))
             if len(items) < self.n_items:
-                names = [f"table.{n}" for n in self.item_table_names]
-                full = self.session.run(names, self._feed(np.zeros(1, np.int64), 1, np.zeros((0, 2), np.int64)))
-                self._feeds_tables = {n: np.ascontiguousarray(t[..., items]) for n, t in zip(self.item_table_names, full)}
+                self._feeds_tables = {n: np.ascontiguousarray(t[..., items]) for n, t in self._item_tables().items()}
             else:
                 self.candidates, self._pos_of_item = None, None
         if self.cuda and self._feeds_tables:
@@ -240,6 +280,19 @@ class GridScorer:
         pairs = CUDA_PAIRS_PER_CHUNK if self.cuda else CPU_PAIRS_PER_CHUNK
         self.chunk_users = int(self._chunk_override or max(1, min(4096, round(pairs / self.n_candidates))))
         self._popular = None
+
+    def _item_tables(self) -> dict[str, np.ndarray]:
+        """The full item-side tables (initializers whose last axis is the item), read from the
+        model once, only when candidates are restricted (the session does not expose them)."""
+        import onnx
+        from onnx import numpy_helper
+
+        data = self._data if self._data is not None else self._path.read_bytes()
+        graph = onnx.load_from_string(data).graph
+        tables = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in self.item_table_names}
+        if set(tables) != set(self.item_table_names):
+            raise NcfError(f"{self.source}: item tables missing from the grid graph; re-export it")
+        return tables
 
     def popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k most popular candidates (interactions in the training input; ties by item
@@ -347,7 +400,7 @@ class GridScorer:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> "GridScorer":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,1 @@
+"""torch -> ONNX export of trained NCF models, verified against torch: `ncf export`."""

@@ -29,7 +29,7 @@
   B x k result the same way so a provider that breaks ties otherwise still gives that order.
   The item tables (`item_*`, shape [D, 1, N] or [D, N]) are initializers that are also graph
   inputs: fed with a subset of columns they restrict the candidates without any per-chunk
-  gather; the `table.*` outputs return them so a scorer can cut that subset.
+  gather (a scorer cuts that subset once from the initializers).
 
 Opset 18 is pinned for both graphs. Both files carry the metadata of `batch.modelfile`.
 """
@@ -247,9 +247,6 @@ def grid_graph(model: NCFModel) -> onnx.ModelProto:
         oh.make_tensor_value_info("logit", TensorProto.FLOAT, ["batch", "k"]),
         oh.make_tensor_value_info("position", TensorProto.INT64, ["batch", "k"]),
     ]
-    for name, shape in g.item_tables:
-        g.node("Identity", [name], f"table.{name}")
-        outputs.append(oh.make_tensor_value_info(f"table.{name}", TensorProto.FLOAT, shape))
     inputs = [
         oh.make_tensor_value_info("users", TensorProto.INT64, ["batch"]),
         oh.make_tensor_value_info("k", TensorProto.INT64, [1]),

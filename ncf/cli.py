@@ -152,9 +152,11 @@ def export(
     def run():
         from export.onnx_export import export_model
 
-        summary = export_model(model_dir, out, pair_out=pair_out)
-        for key, value in summary.items():
-            typer.echo(f"{key}: {value}")
+        s = export_model(model_dir, out, pair_out=pair_out)
+        typer.echo(f"wrote {s['grid']} (grid graph for `ncf score`, {s['grid_bytes'] / 1e6:.1f} MB) and "
+                   f"{s['pair']} (per-pair graph, {s['pair_bytes'] / 1e6:.1f} MB): {s['kind']}, "
+                   f"{s['n_users']:,} users x {s['n_items']:,} items, opset {s['opset']}; "
+                   f"ONNX Runtime vs torch max |diff| {s.get('max_abs_diff', float('nan')):.1e}")
 
     _run(run, verbose)
 
@@ -181,8 +183,7 @@ def score(
         summary = score_users(model, users, out, k=k, items_path=items, include_seen=include_seen,
                               unknown=unknown, device=device, chunk_users=chunk_users,
                               progress=progress and sys.stderr.isatty())
-        for key, value in summary.items():
-            typer.echo(f"{key}: {value}")
+        typer.echo(summary["line"])
 
     _run(run, verbose)
 

@@ -50,7 +50,7 @@ class FitProgress:
         speed = f"  {record['samples_per_s'] / 1e3:7.0f}k samples/s" if "samples_per_s" in record else ""
         console.print(f"{record['stage']:>10} epoch {record['epoch']:>3}  loss {loss}  "
                       f"val HR@10 {record['hr@10']:.4f}  NDCG@10 {record['ndcg@10']:.4f}{speed}{mark}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         if self.task is not None:
             self.progress.reset(self.task)
 
