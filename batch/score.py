@@ -81,8 +81,11 @@ def score_users(
     chunk_users: int | None = None,
     progress: bool = True,
     threads: int | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Write the top-k items of every user in `users_path` to `out` (Parquet; see the module
+    """
+    if resume:
+        raise NcfError("--resume is not available yet")Write the top-k items of every user in `users_path` to `out` (Parquet; see the module
     docstring for the policies) and return a summary dict. NcfError for bad input, with no
     output file left behind."""
     t0 = time.perf_counter()

@@ -163,26 +163,44 @@ def export(
 
 @app.command()
 def score(
-    users: Annotated[Path, typer.Option(help="Parquet file of user ids to score.")],
+    users: Annotated[Path, typer.Option(help="Parquet file (or directory of parts) of user ids to score.")],
     k: Annotated[int, typer.Option(help="Items per user.")] = 50,
     model: Annotated[Path, typer.Option(help="ONNX model from `ncf export`.")] = DEFAULT_ONNX,
-    out: Annotated[Path, typer.Option(help="Top-N Parquet to write.")] = Path("topn.parquet"),
+    out: Annotated[Path, typer.Option(help="Top-N Parquet to write (a directory of parts with --engine ray).")] = Path("topn.parquet"),
     items: Annotated[Optional[Path], typer.Option(help="Parquet of candidate item ids (default: all).")] = None,
     include_seen: Annotated[bool, typer.Option(help="Keep items the user has in the training input.")] = False,
     unknown: Annotated[str, typer.Option(help="Users the model never saw: popular or skip.")] = "popular",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     chunk_users: Annotated[Optional[int], typer.Option(help="Users per ONNX Runtime call.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
+    engine: Annotated[str, typer.Option(help="local, or ray (Ray Data, pip install 'ncf[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        help="--engine ray: cluster address (auto, ray://host:port); default: a local Ray instance.")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="--engine ray: scoring actors (default: from resources).")] = None,
+    cpus_per_actor: Annotated[Optional[float], typer.Option(help="--engine ray: CPUs per actor.")] = None,
+    gpus_per_actor: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs per actor.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     verbose: Verbose = False,
 ):
     """Score users against candidate items and write the top-k per user as Parquet."""
 
     def run():
-        from batch.score import score_users
+        common = dict(k=k, items_path=items, include_seen=include_seen, unknown=unknown, device=device,
+                      progress=progress and sys.stderr.isatty())
+        if engine == "local":
+            from batch.score import score_users
 
-        summary = score_users(model, users, out, k=k, items_path=items, include_seen=include_seen,
-                              unknown=unknown, device=device, chunk_users=chunk_users,
-                              progress=progress and sys.stderr.isatty())
+            summary = score_users(model, users, out, chunk_users=chunk_users, resume=resume, **common)
+        elif engine == "ray":
+            if resume:
+                raise NcfError("--resume is not supported with --engine ray; rerun the job")
+            from batch.ray_engine import score_users_ray
+
+            summary = score_users_ray(model, users, out, address=address, actors=actors,
+                                      cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                                      chunk_users=chunk_users, **common)
+        else:
+            raise NcfError(f"--engine must be local or ray (got {engine!r})")
         typer.echo(summary["line"])
 
     _run(run, verbose)
