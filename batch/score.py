@@ -83,11 +83,11 @@ def score_users(
     threads: int | None = None,
     resume: bool = False,
 ) -> dict:
-    """
-    if resume:
-        raise NcfError("--resume is not available yet")Write the top-k items of every user in `users_path` to `out` (Parquet; see the module
+    """Write the top-k items of every user in `users_path` to `out` (Parquet; see the module
     docstring for the policies) and return a summary dict. NcfError for bad input, with no
     output file left behind."""
+    if resume:
+        raise NcfError("--resume is not available yet")
     t0 = time.perf_counter()
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise NcfError(f"--k must be an integer, got {k!r}")
