@@ -98,11 +98,12 @@ def torch_scorer(model: torch.nn.Module, batch: int = 1 << 18) -> ScoreFn:
     def score(users: np.ndarray, items: np.ndarray) -> np.ndarray:
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
         out = np.empty(len(users), dtype=np.float32)
-        u = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
-        i = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+        u = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64)).to(device)
+        i = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64)).to(device)
         for a in range(0, len(users), batch):
-            out[a : a + batch] = model(u[a : a + batch], i[a : a + batch]).float().numpy()
+            out[a : a + batch] = model(u[a : a + batch], i[a : a + batch]).float().cpu().numpy()
         model.train(was_training)
         return out
 
