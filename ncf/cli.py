@@ -51,12 +51,12 @@ def fit(
     sgd_epochs: Annotated[int, typer.Option(help="Max epochs of NeuMF's SGD+momentum stage.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Training batch size (the paper: 256).")] = 2048,
     lr: Annotated[Optional[float], typer.Option(
-        help="Adam learning rate of GMF, MLP, NeuMF from scratch [default: 1e-3 * batch-size / 256].")] = None,
+        help="Adam learning rate of GMF, MLP, NeuMF from scratch (default: 1e-3 * batch-size / 256).")] = None,
     neumf_lr: Annotated[Optional[float], typer.Option(
-        help="Adam learning rate of the pre-trained NeuMF [default: lr / 4].")] = None,
+        help="Adam learning rate of the pre-trained NeuMF (default: lr / 4).")] = None,
     sgd_lr: Annotated[Optional[float], typer.Option(
-        help="SGD+momentum learning rate of the last stage [default: 1e-3 * batch-size / 256].")] = None,
-    alpha: Annotated[float, typer.Option(help="Pre-training trade-off: h = [a h_GMF; (1-a) h_MLP].")] = 0.5,
+        help="SGD+momentum learning rate of the last stage (default: 1e-3 * batch-size / 256).")] = None,
+    alpha: Annotated[float, typer.Option(help="Pre-training trade-off: h = (a h_GMF, (1-a) h_MLP).")] = 0.5,
     num_neg: Annotated[int, typer.Option(help="Sampled negatives per positive, redrawn each epoch.")] = 4,
     patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without gain.")] = 3,
     min_rating: Annotated[Optional[float], typer.Option(help="Keep only rows rated at least this.")] = None,
