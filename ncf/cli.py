@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -50,25 +50,25 @@ def fit(
     epochs: Annotated[int, typer.Option(help="Max epochs per stage (early-stopped on validation).")] = 20,
     sgd_epochs: Annotated[int, typer.Option(help="Max epochs of NeuMF's SGD+momentum stage.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Training batch size (the paper: 256).")] = 2048,
-    lr: Annotated[Optional[float], typer.Option(
+    lr: Annotated[float | None, typer.Option(
         help="Adam learning rate of GMF, MLP, NeuMF from scratch (default: 1e-3 * batch-size / 256).")] = None,
-    neumf_lr: Annotated[Optional[float], typer.Option(
+    neumf_lr: Annotated[float | None, typer.Option(
         help="Adam learning rate of the pre-trained NeuMF (default: lr / 4).")] = None,
-    sgd_lr: Annotated[Optional[float], typer.Option(
+    sgd_lr: Annotated[float | None, typer.Option(
         help="SGD+momentum learning rate of the last stage (default: 1e-3 * batch-size / 256).")] = None,
     alpha: Annotated[float, typer.Option(help="Pre-training trade-off: h = (a h_GMF, (1-a) h_MLP).")] = 0.5,
     num_neg: Annotated[int, typer.Option(help="Sampled negatives per positive, redrawn each epoch.")] = 4,
     patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without gain.")] = 3,
-    min_rating: Annotated[Optional[float], typer.Option(help="Keep only rows rated at least this.")] = None,
-    user_col: Annotated[Optional[str], typer.Option(help="User id column (default: detected).")] = None,
-    item_col: Annotated[Optional[str], typer.Option(help="Item id column (default: detected).")] = None,
-    time_col: Annotated[Optional[str], typer.Option(help="Timestamp column (default: detected).")] = None,
-    rating_col: Annotated[Optional[str], typer.Option(help="Rating column (default: detected).")] = None,
+    min_rating: Annotated[float | None, typer.Option(help="Keep only rows rated at least this.")] = None,
+    user_col: Annotated[str | None, typer.Option(help="User id column (default: detected).")] = None,
+    item_col: Annotated[str | None, typer.Option(help="Item id column (default: detected).")] = None,
+    time_col: Annotated[str | None, typer.Option(help="Timestamp column (default: detected).")] = None,
+    rating_col: Annotated[str | None, typer.Option(help="Rating column (default: detected).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for splits, sampling and initialisation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    test_rating: Annotated[Optional[Path], typer.Option(
+    test_rating: Annotated[Path | None, typer.Option(
         help="Use these test rows (authors' *.test.rating) instead of each user's latest.")] = None,
-    remap_from: Annotated[Optional[Path], typer.Option(
+    remap_from: Annotated[Path | None, typer.Option(
         help="With --test-rating: rebuild the authors' 0-based ids from this ratings file.")] = None,
     verbose: Verbose = False,
 ):
@@ -76,7 +76,8 @@ def fit(
 
     def run():
         from ncf.data import load_interactions
-        from ncf.pipeline import FitConfig, fit as fit_model
+        from ncf.pipeline import FitConfig
+        from ncf.pipeline import fit as fit_model
         from ncf.report import FitProgress, print_fit_report
 
         for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--factors", factors),
@@ -115,9 +116,9 @@ def fit(
 @app.command()
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from `ncf fit`.")] = DEFAULT_MODEL_DIR,
-    test_rating: Annotated[Optional[Path], typer.Option(help="Authors' *.test.rating file.")] = None,
-    test_negative: Annotated[Optional[Path], typer.Option(help="Authors' *.test.negative file.")] = None,
-    remap_from: Annotated[Optional[Path], typer.Option(
+    test_rating: Annotated[Path | None, typer.Option(help="Authors' *.test.rating file.")] = None,
+    test_negative: Annotated[Path | None, typer.Option(help="Authors' *.test.negative file.")] = None,
+    remap_from: Annotated[Path | None, typer.Option(
         help="Original ratings file: rebuild the authors' 0-based id remapping from it.")] = None,
     k: Annotated[int, typer.Option(help="Cut-off for HR@K and NDCG@K.")] = 10,
     verbose: Verbose = False,
@@ -143,7 +144,7 @@ def evaluate(
 def export(
     out: Annotated[Path, typer.Argument(help="ONNX file to write (the grid graph `ncf score` runs).")] = DEFAULT_ONNX,
     model_dir: Annotated[Path, typer.Option("--model-dir", "-m", help="Model directory from `ncf fit`.")] = DEFAULT_MODEL_DIR,
-    pair_out: Annotated[Optional[Path], typer.Option(
+    pair_out: Annotated[Path | None, typer.Option(
         help="Where the per-pair graph goes (default: OUT with suffix .pair.onnx).")] = None,
     verbose: Verbose = False,
 ):
@@ -167,18 +168,18 @@ def score(
     k: Annotated[int, typer.Option(help="Items per user.")] = 50,
     model: Annotated[Path, typer.Option(help="ONNX model from `ncf export`.")] = DEFAULT_ONNX,
     out: Annotated[Path, typer.Option(help="Top-N Parquet to write (a directory of parts with --engine ray).")] = Path("topn.parquet"),
-    items: Annotated[Optional[Path], typer.Option(help="Parquet of candidate item ids (default: all).")] = None,
+    items: Annotated[Path | None, typer.Option(help="Parquet of candidate item ids (default: all).")] = None,
     include_seen: Annotated[bool, typer.Option(help="Keep items the user has in the training input.")] = False,
     unknown: Annotated[str, typer.Option(help="Users the model never saw: popular or skip.")] = "popular",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    chunk_users: Annotated[Optional[int], typer.Option(help="Users per ONNX Runtime call.")] = None,
+    chunk_users: Annotated[int | None, typer.Option(help="Users per ONNX Runtime call.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
     engine: Annotated[str, typer.Option(help="local, or ray (Ray Data, pip install 'ncf[ray]').")] = "local",
-    address: Annotated[Optional[str], typer.Option(
+    address: Annotated[str | None, typer.Option(
         help="--engine ray: cluster address (auto, ray://host:port); default: a local Ray instance.")] = None,
-    actors: Annotated[Optional[int], typer.Option(help="--engine ray: scoring actors (default: from resources).")] = None,
-    cpus_per_actor: Annotated[Optional[float], typer.Option(help="--engine ray: CPUs per actor.")] = None,
-    gpus_per_actor: Annotated[Optional[float], typer.Option(help="--engine ray: GPUs per actor.")] = None,
+    actors: Annotated[int | None, typer.Option(help="--engine ray: scoring actors (default: from resources).")] = None,
+    cpus_per_actor: Annotated[float | None, typer.Option(help="--engine ray: CPUs per actor.")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="--engine ray: GPUs per actor.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     verbose: Verbose = False,
 ):
@@ -212,15 +213,15 @@ def demo_data(
     users: Annotated[int, typer.Option(help="Number of users.")] = 800,
     items: Annotated[int, typer.Option(help="Number of items.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    users_out: Annotated[Optional[Path], typer.Option(help="Also write the user ids as Parquet.")] = None,
+    users_out: Annotated[Path | None, typer.Option(help="Also write the user ids as Parquet.")] = None,
     verbose: Verbose = False,
 ):
     """Write a SYNTHETIC implicit-feedback CSV (popularity skew + latent tastes) for trying ncf."""
 
     def run():
-        from ncf.synthetic import write_demo_csv
-
         import polars as pl
+
+        from ncf.synthetic import write_demo_csv
 
         write_demo_csv(out, n_users=users, n_items=items, seed=seed)
         typer.echo(f"wrote {out} (synthetic data)")

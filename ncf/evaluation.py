@@ -5,8 +5,8 @@ item the user has not interacted with otherwise). Models are called as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ class EvalSet:
 
     @classmethod
     def build(cls, users, items, all_positives: PositiveSet, exclude_users, exclude_items,
-              n_items: int, seed: int, negatives: np.ndarray | None = None) -> "EvalSet":
+              n_items: int, seed: int, negatives: np.ndarray | None = None) -> EvalSet:
         if negatives is None:
             negatives = evaluation_negatives(users, all_positives, NUM_EVAL_NEGATIVES,
                                              np.random.default_rng(seed))

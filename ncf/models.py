@@ -4,7 +4,7 @@ to a logit; the sigmoid lives in the loss (BCE with logits) and at scoring time.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -138,7 +138,7 @@ class NeuMF(NCFModel):
 
     @classmethod
     @torch.no_grad()
-    def from_pretrained(cls, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> "NeuMF":
+    def from_pretrained(cls, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> NeuMF:
         """Section 3.4.1: copy the embeddings and tower, h = [alpha h_GMF; (1-alpha) h_MLP]."""
         g, m = gmf.cfg, mlp.cfg
         if (g.n_users, g.n_items) != (m.n_users, m.n_items):

@@ -26,14 +26,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from ncf.data import load_interactions  # noqa: E402
-from ncf.evaluation import evaluate, torch_scorer  # noqa: E402
-from ncf.models import ModelConfig, NeuMF  # noqa: E402
-from ncf.pipeline import FitConfig, build_eval_sets, scaled_lr  # noqa: E402
-from ncf.split import leave_one_out  # noqa: E402
-from ncf.synthetic import synthetic_interactions  # noqa: E402
-from ncf.data import index_interactions  # noqa: E402
-from ncf.train import EpochData, make_optimizer, StageConfig, train_epoch  # noqa: E402
+from ncf.data import (
+    index_interactions,
+    load_interactions,
+)
+from ncf.evaluation import evaluate, torch_scorer
+from ncf.models import ModelConfig, NeuMF
+from ncf.pipeline import FitConfig, build_eval_sets, scaled_lr
+from ncf.split import leave_one_out
+from ncf.synthetic import synthetic_interactions
+from ncf.train import EpochData, StageConfig, make_optimizer, train_epoch
 
 DEFAULT_DATA = Path(os.environ.get("NCF_DATA", REPO.parent / "shared" / "data")) / "ml-1m-partial" / "ratings_users_1-2999.dat"
 
@@ -80,7 +82,7 @@ def reference_epoch(model, opt, ds, batch_size=256):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="synthetic data, 1 epoch: a smoke run")
     args = ap.parse_args()
 
