@@ -7,8 +7,14 @@ Ids are cast to the model vocabulary's type only when that is lossless.
 Output: `TopNWriter`, a streaming ParquetWriter with an explicit schema
   user_id (raw type, required) | rank int32 (required, 1..k) | item_id (raw type, required) |
   score float32 (nullable: null for popularity-fallback rows, see batch.score)
-flushed in row groups of `row_group_rows` rows, written to `.<name>.tmp-<pid>` beside the
-target and renamed into place on success; the temporary file is removed on any failure.
+flushed in row groups of `row_group_rows` rows, written to a temporary name (default
+`.<name>.tmp-<pid>` beside the target) and renamed into place on success; the temporary file
+is removed on any failure.
+
+`check_ids_upfront` validates a whole id input from the Parquet footers alone (no data read):
+every file readable, the id column present with one type across the parts of a directory,
+no nulls (from the row-group statistics, where the writer kept them; a null in a file
+without statistics is still caught when its batch is read).
 """
 
 from __future__ import annotations
@@ -67,6 +73,70 @@ def open_ids(path: Path, what: str, flag: str) -> tuple[ds.Dataset, str]:
     )
 
 
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "floating-point"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return str(t)
+
+
+def check_ids_upfront(dataset: ds.Dataset, column: str, path: Path, what: str, flag: str) -> int:
+    """Footer-only validation of every file of an id input (see the module docstring);
+    returns the number of rows. NcfError names the file and what to do."""
+    want = dataset.schema.field(column).type
+    total = 0
+    first_file = None
+    for frag in dataset.get_fragments():
+        name = Path(frag.path).name if path.is_dir() else str(path)
+        where = f"{path}/{name}" if path.is_dir() else str(path)
+        try:
+            md = frag.metadata
+            phys = frag.physical_schema
+        except Exception as exc:
+            raise NcfError(f"cannot read {what} file {where} as Parquet ({flag}): {_one_line(exc)}; "
+                           f"the file is damaged or truncated") from exc
+        if column not in phys.names:
+            raise NcfError(f"{what} file {where} has no column {column!r} (other parts of {path} have it) ({flag})")
+        t = phys.field(column).type
+        if _kind(t) != _kind(want):
+            raise NcfError(
+                f"{what} ids in {path} have more than one type: {column!r} is {want} in {first_file} but {t} in "
+                f"{name}; write every part with the same id type ({flag})"
+            )
+        first_file = first_file or name
+        paths = [md.schema.column(i).path for i in range(md.num_columns)]
+        j = paths.index(column) if column in paths else None
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            total += rg.num_rows
+            st = rg.column(j).statistics if j is not None else None
+            if st is not None and st.has_null_count and st.null_count:
+                raise NcfError(
+                    f"{what} file {where}: column {column!r} has {st.null_count:,} null ids (row group {g}); "
+                    f"drop those rows first ({flag})"
+                )
+    return total
+
+
+def path_fingerprint(path: Path | None) -> list | None:
+    """(name, size, mtime_ns) of a file or of every file under a directory: what a resumed
+    run compares to know that its input did not change."""
+    if path is None:
+        return None
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.relative_to(path)) if path.is_dir() else f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
 def count_rows(dataset: ds.Dataset, path: Path, what: str) -> int:
     try:
         return int(dataset.count_rows())
@@ -120,6 +190,7 @@ def read_all_ids(path: Path, what: str, flag: str, vocab_type: pa.DataType) -> p
     """A whole (small) id file, e.g. the --items candidates."""
     dataset, column = open_ids(path, what, flag)
     check_id_type(dataset.schema.field(column).type, vocab_type, path, column, what)
+    check_ids_upfront(dataset, column, Path(path), what, flag)
     try:
         parts = [cast_ids(a, vocab_type, path, column, what) for a in iter_ids(dataset, column)]
     except NcfError:
@@ -144,14 +215,16 @@ class TopNWriter:
     """Streams top-N rows into large row groups under a temporary name; `commit()` renames it
     into place; leaving the context without commit (an exception) removes it."""
 
-    def __init__(self, out: Path, schema: pa.Schema, *, row_group_rows: int = ROW_GROUP_ROWS, compression: str = "snappy"):
+    def __init__(self, out: Path, schema: pa.Schema, *, row_group_rows: int = ROW_GROUP_ROWS, compression: str = "snappy",
+                 tmp: Path | None = None):
         self.out = Path(out)
         if self.out.exists() and self.out.is_dir():
             raise NcfError(f"output {self.out} is a directory; give a file name such as topn.parquet")
         self.schema = schema
         self.row_group_rows = row_group_rows
         self.compression = compression
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        # the temporary file must be on the target's file system (os.replace)
+        self.tmp = Path(tmp) if tmp is not None else self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         self._buf: list[pa.Table] = []
         self._buffered = 0
         self.rows = 0
@@ -185,11 +258,22 @@ class TopNWriter:
         if self._buffered >= self.row_group_rows:
             self._flush()
 
+    def write_table(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Rows already in the output schema (e.g. read back from a part file)."""
+        if table.num_rows == 0:
+            return
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        self._buf.append(table.cast(self.schema) if table.schema != self.schema else table)
+        self._buffered += table.num_rows
+        if self._buffered >= self.row_group_rows:
+            self._flush()
+
     def _flush(self, final: bool = False) -> None:
         """Write full row groups; the remainder waits for more rows unless `final`."""
         if not self._buffered or (not final and self._buffered < self.row_group_rows):
             return
-        table = pa.concat_tables(self._buf).combine_chunks()
+        table = pa.concat_tables(self._buf)  # no combine_chunks: the writer takes chunked columns (no copy)
         self._buf, self._buffered = [], 0
         start = 0
         while table.num_rows - start >= self.row_group_rows or (final and start < table.num_rows):

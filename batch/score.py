@@ -12,18 +12,56 @@ Policies (what a run does with unusual input):
 * Duplicate users in the users file are scored once: the first occurrence is kept, later ones
   are counted (`duplicate_users`) and dropped, so (user_id, rank) is a key of the output.
 * Candidates: every item, or with items_path only those items (ids the model does not know
-  are counted in `unknown_items` and ignored; none known is an error).
-* Rows come out grouped by user, ranks ascending; users keep the input order within each read
-  batch, the fallback rows of that batch's unknown users follow its scored users.
-* An empty users file (no rows) is an error (exit 1), like the other bad inputs; nothing is
-  written. A file whose users are all skipped gives a valid output file with zero rows.
-* Output goes to a temporary name and is renamed into place only when complete.
-Memory is bounded by the read batch and the scoring chunk, not by the number of users
-(the duplicate filter keeps one bit per model user plus the distinct unknown ids).
+  are counted in `unknown_items` and ignored; none known, or an empty file, is an error).
+* Rows come out grouped by user in the order of each user's first occurrence in the users
+  file (unknown users' fallback rows in their place too), ranks ascending. This order does
+  not depend on chunk sizes, threads, read batches or on a run being resumed.
+* Bad input is an NcfError (one line, exit 1) raised before any work where it can be seen
+  from the files' metadata: missing or unreadable files, no id column, ids of another type
+  than the model's or of several types across the parts of a directory, null ids, k or
+  --chunk-users out of range, an output path that is a directory or one of the inputs, a
+  model file not made by `ncf export`. An empty users file (no rows) is an error too; a file
+  whose users are all skipped gives a valid output file with zero rows.
+
+Interruption and --resume. Finished work goes into a hidden work directory beside the
+output, `.<out name>.parts/`:
+  manifest.json   the run's fingerprint (model file size/mtime and vocabulary hash, users
+                  and items files' sizes/mtimes, k, include_seen, unknown policy, provider,
+                  users per ONNX Runtime call and per scoring block) and the finished parts
+  part-NNNNNN.parquet  the rows of the users-file positions [start, end) of one part,
+                  written under a .tmp name, fsync'ed and renamed, then recorded in the
+                  manifest (also replaced atomically): a part is complete or not listed
+  lock            flock'ed while a run writes, so two runs cannot share one output
+A part is closed every PART_SECONDS (env NCF_SCORE_PART_SECONDS, default 5) or PART_ROWS
+rows. When all users are done, the parts are streamed in order into the final file (written
+inside the work directory, renamed onto `out`), and the work directory is removed. So a run
+stopped at any point (Ctrl-C, SIGTERM, SIGKILL, power loss) never leaves a complete-looking
+`out`: only the work directory (and, untouched, an older `out` from an earlier finished run).
+* `--resume` checks the fingerprint (a different input or setting is an error that says
+  what changed), keeps the listed parts that are intact, replays the duplicate filter over
+  the users-file positions they cover without scoring them, and continues from there with
+  the same users per scoring block, so the result equals an uninterrupted run row for row,
+  scores included. With no work directory `--resume` simply starts from the beginning, so
+  a retry loop can always pass it.
+* Without `--resume`, a leftover work directory of an interrupted run is discarded and the
+  run starts over (the summary line says so); a work directory locked by a running process
+  is an error.
+* Bad input found mid-stream removes the work directory (a resume could not help); a
+  failure to write (disk full, permissions) keeps it and says to rerun with --resume.
+Memory is bounded by the read batch and the scoring block, not by the number of users: the
+duplicate filter keeps one byte per model user plus the distinct unknown ids (these, and
+only these, grow with the input: a few tens of bytes per distinct unknown user).
 """
+
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +73,188 @@ from batch.scorer import GridScorer
 from ncf.errors import NcfError
 
 UNKNOWN_POLICIES = ("popular", "skip")
+WORK_VERSION = 1
+PART_ROWS = 1 << 22
+MAX_PAIRS_PER_CALL = 1 << 25  # users per ONNX Runtime call x candidates: the intermediates' size
+BLOCK_PAIRS = 1 << 22  # at least this many pairs per scoring block (the unit of writing and resuming)
+
+
+def _part_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get("NCF_SCORE_PART_SECONDS", "5")))
+    except ValueError:
+        return 5.0
+
+
+PART_SECONDS = _part_seconds()
+
+
+class _WriteError(NcfError):
+    """Writing the output failed (disk full, permissions): the work directory is kept."""
+
+
+def work_dir_for(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.parts")
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class _WorkDir:
+    """The hidden directory of finished parts beside the output (module docstring)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = work_dir_for(out)
+        self._lock = None
+
+    def read_manifest(self) -> dict | None:
+        try:
+            m = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) and m.get("work_version") == WORK_VERSION else None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path / "lock", "a+b")  # noqa: SIM115 - held for the whole run
+        except OSError as exc:
+            raise NcfError(f"cannot write {self.out}: {exc.strerror or exc} ({self.path.parent})") from exc
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock.close()
+            self._lock = None
+            raise NcfError(
+                f"another `ncf score` is writing {self.out} right now (lock {self.path / 'lock'}); "
+                f"wait for it to finish or choose another --out"
+            ) from exc
+
+    def entries(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if p.name != "lock"]
+
+    def reset(self, manifest: dict) -> bool:
+        """Empty the directory (an interrupted run's parts) and write a fresh manifest;
+        True if there was something to discard."""
+        old = self.entries()
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        self.write_manifest(manifest)
+        return any(p.name.startswith("part-") for p in old)
+
+    def write_manifest(self, manifest: dict) -> None:
+        tmp = self.path / "manifest.json.tmp"
+        try:
+            _fsync_write(tmp, (json.dumps(manifest, indent=1) + "\n").encode())
+            os.replace(tmp, self.path / "manifest.json")
+        except OSError as exc:
+            raise _WriteError(f"cannot write {self.path}: {exc.strerror or exc}; fix that and rerun with --resume") from exc
+
+    def intact_parts(self, manifest: dict) -> list[dict]:
+        """The manifest's parts that are contiguous from position 0 and readable with the
+        recorded row count; anything else in the directory is removed."""
+        import pyarrow.parquet as pq
+
+        kept: list[dict] = []
+        end = 0
+        for part in manifest.get("parts", []):
+            f = self.path / str(part.get("file", ""))
+            try:
+                ok = part["start"] == end and f.is_file() and pq.read_metadata(f).num_rows == part["rows"]
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+                ok = False
+            if not ok:
+                break
+            kept.append(part)
+            end = part["end"]
+        names = {p["file"] for p in kept} | {"manifest.json"}
+        for p in self.entries():
+            if p.name not in names:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if len(kept) != len(manifest.get("parts", [])):
+            manifest["parts"] = kept
+            self.write_manifest(manifest)
+        return kept
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+
+
+class _Parts:
+    """Finished rows go to part files; `cut` closes the current one and records it."""
+
+    def __init__(self, wd: _WorkDir, manifest: dict, schema: pa.Schema, start: int):
+        self.wd, self.manifest, self.schema = wd, manifest, schema
+        self.seq = len(manifest["parts"])
+        self.start = start
+        self.rows = 0
+        self.stats = {"scored": 0, "short": 0}
+        self._writer = None
+        self._fh = None
+        self.t0 = time.perf_counter()
+
+    def _name(self) -> str:
+        return f"part-{self.seq:06d}.parquet"
+
+    def write(self, table: pa.Table, scored: int, short: int) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            if self._writer is None:
+                self._fh = open(self.wd.path / (self._name() + ".tmp"), "wb")  # noqa: SIM115
+                self._writer = pq.ParquetWriter(self._fh, self.schema, compression="snappy")
+            if table.num_rows:
+                self._writer.write_table(table, row_group_size=table.num_rows)
+        except OSError as exc:
+            raise _WriteError(f"cannot write {self.wd.path}: {exc.strerror or exc}; fix that and rerun with --resume") from exc
+        self.rows += table.num_rows
+        self.stats["scored"] += scored
+        self.stats["short"] += short
+
+    def due(self, part_seconds: float) -> bool:
+        return self.rows > 0 and (self.rows >= PART_ROWS or time.perf_counter() - self.t0 >= part_seconds)
+
+    def cut(self, end: int) -> None:
+        """Close the current part as covering users-file positions [start, end)."""
+        if self._writer is None:  # no rows since the last cut: nothing to record
+            return
+        name = self._name()
+        try:
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.wd.path / (name + ".tmp"), self.wd.path / name)
+        except OSError as exc:
+            raise _WriteError(f"cannot write {self.wd.path}: {exc.strerror or exc}; fix that and rerun with --resume") from exc
+        self._writer = self._fh = None
+        self.manifest["parts"].append({"file": name, "start": self.start, "end": end, "rows": self.rows, **self.stats})
+        self.wd.write_manifest(self.manifest)
+        self.seq += 1
+        self.start, self.rows, self.stats, self.t0 = end, 0, {"scored": 0, "short": 0}, time.perf_counter()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            with contextlib.suppress(Exception):
+                self._fh.close()
+            (self.wd.path / (self._name() + ".tmp")).unlink(missing_ok=True)
+            self._writer = self._fh = None
 
 
 def _progress(enabled: bool, total: int):
@@ -68,6 +288,32 @@ def _progress(enabled: bool, total: int):
     )
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the run like Ctrl-C (temporaries removed, finished parts kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _same_file(a: Path, b: Path | None) -> bool:
+    if b is None:
+        return False
+    try:
+        return a.resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def score_users(
     model_path: Path,
     users_path: Path,
@@ -82,13 +328,13 @@ def score_users(
     progress: bool = True,
     threads: int | None = None,
     resume: bool = False,
+    part_seconds: float | None = None,
 ) -> dict:
     """Write the top-k items of every user in `users_path` to `out` (Parquet; see the module
-    docstring for the policies) and return a summary dict. NcfError for bad input, with no
-    output file left behind."""
-    if resume:
-        raise NcfError("--resume is not available yet")
+    docstring for the policies, interruption and `resume`) and return a summary dict.
+    NcfError for bad input, with no output file left behind."""
     t0 = time.perf_counter()
+    part_seconds = PART_SECONDS if part_seconds is None else part_seconds
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise NcfError(f"--k must be an integer, got {k!r}")
     if k <= 0:
@@ -97,22 +343,41 @@ def score_users(
         raise NcfError(f"unknown-user policy must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
     if chunk_users is not None and chunk_users < 1:
         raise NcfError(f"chunk size must be at least 1 user, got {chunk_users}")
-    out, users_path = Path(out), Path(users_path)
+    out, users_path, model_path = Path(out), Path(users_path), Path(model_path)
+    items_path = Path(items_path) if items_path is not None else None
     if out.exists() and out.is_dir():
         raise NcfError(f"output {out} is a directory; give a file name such as topn.parquet")
+    for given, flag in ((users_path, "--users"), (model_path, "--model"), (items_path, "--items")):
+        if _same_file(out, given):
+            raise NcfError(f"--out {out} is the {flag} input; the output would replace it: choose another --out")
+    parent = out.absolute().parent
+    for anc in (parent, *parent.parents):
+        if anc.exists():
+            if not anc.is_dir():
+                raise NcfError(f"cannot write {out}: {anc} is a file, not a directory")
+            break
+    if model_path.is_dir():
+        raise NcfError(f"--model {model_path} is a directory; give the model.onnx file written by `ncf export`")
 
     # Everything that can be checked is checked before an output file exists.
     users_ds, users_col = bio.open_ids(users_path, "user", "--users")
-    scorer = GridScorer(Path(model_path), device=device, threads=threads, chunk_users=chunk_users)
+    total = bio.check_ids_upfront(users_ds, users_col, users_path, "user", "--users")
+    wd = _WorkDir(out)
+    prior = wd.read_manifest() if resume else None
+    if chunk_users is None and prior is not None:
+        chunk_users = prior.get("fingerprint", {}).get("chunk_users")  # same grouping as the first run
+    scorer = GridScorer(model_path, device=device, threads=threads, chunk_users=chunk_users)
     try:
         user_type, item_type = scorer.user_ids.type, scorer.item_ids.type
         bio.check_id_type(users_ds.schema.field(users_col).type, user_type, users_path, users_col, "user")
-        total = bio.count_rows(users_ds, users_path, "user")
         if total == 0:
             raise NcfError(f"users file {users_path} has no rows; nothing to score (no output written)")
         unknown_items = 0
         if items_path is not None:
-            raw_items = bio.read_all_ids(Path(items_path), "item", "--items", item_type)
+            raw_items = bio.read_all_ids(items_path, "item", "--items", item_type)
+            if len(raw_items) == 0:
+                raise NcfError(f"--items {items_path} has no rows: the candidate set is empty; "
+                               f"leave --items out to score every item")
             idx = scorer.item_index(raw_items)
             unknown_items = len(set(raw_items.filter(pa.array(idx < 0)).to_pylist()))
             known = np.unique(idx[idx >= 0])
@@ -121,102 +386,178 @@ def score_users(
             scorer.set_candidates(known)
         if k > scorer.n_candidates:
             raise NcfError(f"--k {k} is larger than the number of candidate items ({scorer.n_candidates})")
-        pop_items, _ = scorer.popular(k)
-        pop_ids = scorer.item_ids.take(pa.array(pop_items))
         n_c = scorer.n_candidates
+        if chunk_users is not None and scorer.chunk_users * n_c > MAX_PAIRS_PER_CALL:
+            raise NcfError(
+                f"--chunk-users {scorer.chunk_users} x {n_c:,} candidates = {scorer.chunk_users * n_c:,} pairs per "
+                f"ONNX Runtime call is too much memory; use at most {max(1, MAX_PAIRS_PER_CALL // n_c):,}"
+            )
+        pop_items, _ = scorer.popular(k)
 
-        seen_user = np.zeros(scorer.n_users, bool)
-        seen_unknown: set = set()
-        stats = {"users_in": 0, "scored": 0, "unknown": 0, "duplicates": 0, "short": 0, "pairs": 0}
-        # Users scored per topk call: enough chunks to keep every thread busy, bounded memory.
-        super_users = max(scorer.chunk_users * scorer.threads * 8, (1 << 22) // n_c)
+        # Users per scoring block: enough chunks to keep every thread busy, bounded memory.
+        super_users = max(scorer.chunk_users * scorer.threads * 8, BLOCK_PAIRS // n_c)
         super_users = min(super_users, 1 << 16)
         super_users -= super_users % scorer.chunk_users or 0
         super_users = max(super_users, scorer.chunk_users)
-        bar = _progress(progress, total)
+        fingerprint = {
+            "model": {"file": bio.path_fingerprint(model_path)[0][1:], "vocab_hash": scorer.meta.vocab_hash},
+            "users": bio.path_fingerprint(users_path),
+            "items": bio.path_fingerprint(items_path),
+            "k": int(k),
+            "include_seen": bool(include_seen),
+            "unknown": unknown,
+            "provider": scorer.provider,
+            "chunk_users": int(scorer.chunk_users),
+        }
         schema = bio.topn_schema(user_type, item_type)
 
-        with bio.TopNWriter(out, schema) as writer:
+        wd.acquire()
+        keep_work = False
+        discarded = False
+        parts = None
+        try:
+            manifest = wd.read_manifest() if resume else None
+            if manifest is not None:
+                changed = [key for key, v in fingerprint.items() if manifest.get("fingerprint", {}).get(key) != v]
+                if changed:
+                    keep_work = True  # it belongs to another run: leave it for the user to decide
+                    names = {"model": "model file", "users": "users file", "items": "items file", "k": "--k",
+                             "include_seen": "--include-seen", "unknown": "--unknown", "provider": "execution provider",
+                             "chunk_users": "--chunk-users"}
+                    raise NcfError(
+                        f"--resume: the interrupted run into {out} used other inputs or settings "
+                        f"({', '.join(names[c] for c in changed)} changed); rerun without --resume to start over"
+                    )
+                super_users = int(manifest["super_users"])
+                done_parts = wd.intact_parts(manifest)
+            else:
+                manifest = {"work_version": WORK_VERSION, "fingerprint": fingerprint, "super_users": super_users,
+                            "total_rows": total, "parts": []}
+                discarded = wd.reset(manifest)
+                done_parts = []
+            done = done_parts[-1]["end"] if done_parts else 0
+            parts = _Parts(wd, manifest, schema, done)
+            stats = {"users_in": 0, "scored": 0, "unknown": 0, "duplicates": 0, "short": 0, "pairs": 0}
+            for p in done_parts:
+                stats["scored"] += p["scored"]
+                stats["short"] += p["short"]
+            stats["pairs"] = stats["scored"] * n_c
+            scored_before = stats["scored"]
+
+            seen_user = np.zeros(scorer.n_users, bool)
+            seen_unknown: set = set()
+
+            def classify(ids: pa.Array) -> np.ndarray:
+                """Positions (in this batch, ascending) of the rows that produce output:
+                first occurrences of known users, and of unknown ones under "popular"."""
+                n = len(ids)
+                stats["users_in"] += n
+                idx = scorer.user_index(ids)
+                known = idx >= 0
+                kpos = np.flatnonzero(known)
+                keep = kpos[:0]
+                if len(kpos):
+                    _, first = np.unique(idx[kpos], return_index=True)
+                    keep = kpos[np.sort(first)]
+                    keep = keep[~seen_user[idx[keep]]]
+                    stats["duplicates"] += len(kpos) - len(keep)
+                    seen_user[idx[keep]] = True
+                upos = np.flatnonzero(~known)
+                if len(upos):
+                    new = []
+                    for p, v in zip(upos, ids.take(pa.array(upos)).to_pylist()):
+                        if v in seen_unknown:
+                            stats["duplicates"] += 1
+                        else:
+                            seen_unknown.add(v)
+                            new.append(p)
+                    stats["unknown"] += len(new)
+                    if unknown == "popular" and new:
+                        keep = np.sort(np.concatenate([keep, np.asarray(new, np.int64)]))
+                return keep
+
+            bar = _progress(progress, total)
             task = bar.add_task("score", total=total, users_s=0.0, pairs_s=0.0) if bar else None
-
-            def tick(n_users: int) -> None:
-                if bar:
-                    el = max(time.perf_counter() - t1, 1e-9)
-                    bar.update(task, advance=n_users, users_s=stats["scored"] / el, pairs_s=stats["pairs"] / el / 1e6)
-
-            if bar:
-                bar.start()
             t1 = time.perf_counter()  # setup (model, vocabularies, checks) ends here
-            try:
-                pend_idx: list[np.ndarray] = []
-                pend_ids: list[pa.Array] = []
-                pend_n = 0
 
-                def flush_known(final: bool = True) -> None:
-                    """Score the pending users in whole super-chunks; the rest waits unless final."""
-                    nonlocal pend_idx, pend_ids, pend_n
-                    take = pend_n if final else pend_n - pend_n % super_users
-                    if not take:
-                        return
-                    idx = np.concatenate(pend_idx)
-                    ids = pa.concat_arrays(pend_ids)
-                    pend_idx, pend_ids, pend_n = [idx[take:]], [ids.slice(take)], pend_n - take
-                    for lo in range(0, take, super_users):
-                        hi = min(lo + super_users, take)
-                        res = scorer.topk(idx[lo:hi], k, exclude_seen=not include_seen)
-                        _write_topk(writer, ids.slice(lo, hi - lo), res, scorer.item_ids)
-                        stats["scored"] += len(res.counts)
-                        stats["short"] += int((res.counts < k).sum())
-                        stats["pairs"] += len(res.counts) * n_c
-                        tick(len(res.counts))
+            def emit(pos: np.ndarray, ids: pa.Array) -> None:
+                """Score one block of kept rows and write its output rows to the current part."""
+                idx = scorer.user_index(ids)
+                known = idx >= 0
+                n = len(idx)
+                items = np.full((n, k), -1, np.int64)
+                scores = np.full((n, k), np.nan, np.float32)
+                n_known = int(known.sum())
+                short = 0
+                if n_known:
+                    res = scorer.topk(idx[known], k, exclude_seen=not include_seen)
+                    items[known], scores[known] = res.items, res.scores
+                    short = int((res.counts < k).sum())
+                if n_known < n:
+                    items[~known] = pop_items
+                parts.write(_rows_table(schema, ids, items, scores, scorer.item_ids), n_known, short)
+                stats["scored"] += n_known
+                stats["short"] += short
+                stats["pairs"] += n_known * n_c
 
-                for raw in bio.iter_ids(users_ds, users_col):
-                    ids = bio.cast_ids(raw, user_type, users_path, users_col, "user")
-                    n = len(ids)
-                    stats["users_in"] += n
-                    idx = scorer.user_index(ids)
-                    known = idx >= 0
-                    # first occurrence of each known user, input order kept
-                    kpos = np.flatnonzero(known)
-                    if len(kpos):
-                        _, first = np.unique(idx[kpos], return_index=True)
-                        keep = kpos[np.sort(first)]
-                        keep = keep[~seen_user[idx[keep]]]
-                        stats["duplicates"] += len(kpos) - len(keep)
-                        seen_user[idx[keep]] = True
-                        if len(keep):
-                            pend_idx.append(idx[keep])
-                            pend_ids.append(ids.take(pa.array(keep)))
-                            pend_n += len(keep)
-                    flush_known(final=False)
-                    upos = np.flatnonzero(~known)
-                    if len(upos):
-                        new = []
-                        for p, v in zip(upos, ids.take(pa.array(upos)).to_pylist()):
-                            if v in seen_unknown:
-                                stats["duplicates"] += 1
-                            else:
-                                seen_unknown.add(v)
-                                new.append(p)
-                        stats["unknown"] += len(new)
-                        if unknown == "popular" and new:
-                            flush_known()  # keep the batch's scored users ahead of its fallbacks
-                            u = ids.take(pa.array(np.repeat(np.asarray(new, np.int64), len(pop_items))))
-                            reps = len(new)
-                            writer.write(
-                                u,
-                                np.tile(np.arange(1, len(pop_items) + 1, dtype=np.int32), reps),
-                                pop_ids.take(pa.array(np.tile(np.arange(len(pop_items)), reps))),
-                                pa.nulls(reps * len(pop_items), pa.float32()),
-                            )
-                    tick(n - len(keep) if len(kpos) else n)  # unknown and duplicate rows; scored ones tick when scored
-                flush_known()
+            pend_pos = np.zeros(0, np.int64)
+            pend_ids = pa.array([], user_type)
+            read_pos = 0
+            with _sigterm_as_interrupt():
                 if bar:
-                    bar.update(task, completed=total)
-            finally:
-                if bar:
-                    bar.stop()
-            writer.commit()
+                    bar.start()
+                    bar.update(task, completed=done)
+                try:
+                    if done < total:
+                        for raw in bio.iter_ids(users_ds, users_col):
+                            ids = bio.cast_ids(raw, user_type, users_path, users_col, "user")
+                            n = len(ids)
+                            if read_pos + n <= done:  # covered by finished parts: replay the filter only
+                                classify(ids)
+                                read_pos += n
+                                continue
+                            if read_pos < done:
+                                classify(ids.slice(0, done - read_pos))
+                                ids = ids.slice(done - read_pos)
+                                read_pos = done
+                            keep = classify(ids)
+                            if len(keep):
+                                pend_pos = np.concatenate([pend_pos, keep + read_pos])
+                                pend_ids = pa.concat_arrays([pend_ids, ids.take(pa.array(keep))])
+                            read_pos += len(ids)
+                            while len(pend_pos) >= super_users:
+                                emit(pend_pos[:super_users], pend_ids.slice(0, super_users))
+                                pend_pos, pend_ids = pend_pos[super_users:], pend_ids.slice(super_users)
+                                covered = int(pend_pos[0]) if len(pend_pos) else read_pos
+                                if parts.due(part_seconds):
+                                    parts.cut(covered)
+                                if bar:
+                                    el = max(time.perf_counter() - t1, 1e-9)
+                                    bar.update(task, completed=covered, users_s=(stats["scored"] - scored_before) / el,
+                                               pairs_s=(stats["scored"] - scored_before) * n_c / el / 1e6)
+                            if len(pend_ids) and pend_ids.offset:  # keep the remainder compact
+                                pend_ids = pa.concat_arrays([pend_ids])
+                        if read_pos != total:
+                            raise NcfError(f"users file {users_path} changed while it was read "
+                                           f"({read_pos:,} rows, its metadata says {total:,})")
+                        if len(pend_pos):
+                            emit(pend_pos, pend_ids)
+                        parts.cut(total)
+                    if bar:
+                        bar.update(task, completed=total)
+                finally:
+                    if bar:
+                        bar.stop()
+                rows = _assemble(wd, manifest, out, schema)
+            wd.remove()
+        except BaseException as exc:
+            if parts is not None:
+                parts.abort()
+            (wd.path / "final.parquet.tmp").unlink(missing_ok=True)
+            if isinstance(exc, Exception) and not keep_work and not isinstance(exc, _WriteError):
+                wd.remove()  # bad input: a resume could not help; leave nothing behind
+            wd.release()
+            raise
     except NcfError:
         raise
     except Exception as exc:  # a damaged users file mid-stream and the like: one line
@@ -226,6 +567,7 @@ def score_users(
 
     t2 = time.perf_counter()
     seconds, scoring = t2 - t0, t2 - t1
+    new_scored = stats["scored"] - scored_before
     summary = {
         "out": str(out),
         "model": str(model_path),
@@ -242,34 +584,75 @@ def score_users(
         "unknown_items": unknown_items,
         "k": k,
         "include_seen": include_seen,
-        "rows": writer.rows,
-        "row_groups": writer.row_groups,
+        "rows": rows,
+        "row_groups": -(-rows // bio.ROW_GROUP_ROWS) if rows else 0,
         "chunk_users": scorer.chunk_users,
         "threads": scorer.threads,
+        "parts": len(manifest["parts"]),
+        "resumed_from": done,  # users-file rows already done by an interrupted run
+        "discarded_partial": discarded,
         "seconds": seconds,  # whole run, including loading the model
         "scoring_seconds": scoring,  # reading, scoring and writing
-        "users_per_s": stats["scored"] / scoring if scoring else 0.0,
-        "pairs_per_s": stats["pairs"] / scoring if scoring else 0.0,
+        "users_per_s": new_scored / scoring if scoring else 0.0,
+        "pairs_per_s": new_scored * n_c / scoring if scoring else 0.0,
     }
+    note = ""
+    if done:
+        note = f" (resumed: {done:,} of {total:,} input rows were already done)"
+    elif discarded:
+        note = " (discarded the parts of an earlier interrupted run; pass --resume to continue one)"
     summary["line"] = (
         f"{summary['users_scored']:,} users scored, {summary['unknown_users']:,} unknown ({summary['unknown_handling']}), "
         f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s ({seconds - scoring:.1f}s loading) on {scorer.provider} "
-        f"({summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s)"
+        f"({summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s){note}"
     )
     return summary
 
 
-def _write_topk(writer: bio.TopNWriter, user_ids: pa.Array, res, item_vocab: pa.Array) -> None:
-    n, k = res.items.shape
-    valid = res.items >= 0
+def _assemble(wd: _WorkDir, manifest: dict, out: Path, schema: pa.Schema) -> int:
+    """Stream the finished parts, in order, into `out` (temporary name inside the work
+    directory, renamed onto `out` when complete). Returns the number of rows."""
+    import pyarrow.parquet as pq
+
+    want = sum(p["rows"] for p in manifest["parts"])
+    try:
+        with bio.TopNWriter(out, schema, tmp=wd.path / "final.parquet.tmp") as writer:
+            for p in manifest["parts"]:
+                pf = pq.ParquetFile(wd.path / p["file"])
+                for batch in pf.iter_batches(batch_size=1 << 16):
+                    writer.write_table(batch)
+            if writer.rows + writer._buffered != want:
+                raise NcfError(f"work directory {wd.path} is inconsistent; rerun without --resume")
+            writer.commit()
+    except OSError as exc:
+        raise _WriteError(f"cannot write {out}: {exc.strerror or exc}; fix that and rerun with --resume") from exc
+    return writer.rows
+
+
+def _rows_table(schema: pa.Schema, user_ids: pa.Array, items: np.ndarray, scores: np.ndarray,
+                item_vocab: pa.Array) -> pa.Table:
+    """Output rows of n users: `items` [n, k] item indices (-1: no item), `scores` [n, k]
+    (NaN: null)."""
+    n, k = items.shape
+    valid = items >= 0
     if valid.all():
         rows_u = np.repeat(np.arange(n), k)
         rank = np.tile(np.arange(1, k + 1, dtype=np.int32), n)
-        items = res.items.reshape(-1)
-        score = res.scores.reshape(-1)
+        it = items.reshape(-1)
+        sc = scores.reshape(-1)
     else:  # users with fewer than k unexcluded candidates: drop the empty slots
-        rows_u = np.repeat(np.arange(n), res.counts)
-        rank = (np.arange(len(rows_u)) - np.repeat(np.cumsum(res.counts) - res.counts, res.counts) + 1).astype(np.int32)
-        items = res.items[valid]
-        score = res.scores[valid]
-    writer.write(user_ids.take(pa.array(rows_u)), rank, item_vocab.take(pa.array(items)), pa.array(score, pa.float32()))
+        counts = valid.sum(axis=1)
+        rows_u = np.repeat(np.arange(n), counts)
+        rank = (np.arange(len(rows_u)) - np.repeat(np.cumsum(counts) - counts, counts) + 1).astype(np.int32)
+        it = items[valid]
+        sc = scores[valid]
+    return pa.Table.from_arrays(
+        [user_ids.take(pa.array(rows_u)), pa.array(rank), item_vocab.take(pa.array(it)),
+         pa.array(sc, pa.float32(), mask=np.isnan(sc))],
+        schema=schema,
+    )
+
+
+def _write_topk(writer: bio.TopNWriter, user_ids: pa.Array, res, item_vocab: pa.Array) -> None:
+    """Write a GridScorer.topk result for `user_ids` (kept for other engines)."""
+    writer.write_table(_rows_table(writer.schema, user_ids, res.items, res.scores, item_vocab))

@@ -367,6 +367,7 @@ def _write_atomic(files: list[tuple[Path, bytes]]) -> None:
     """Write every file under a temporary name, then rename them all; nothing is left behind
     on failure."""
     tmps: list[Path] = []
+    path = files[0][0] if files else Path()
     try:
         for path, data in files:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,10 +379,25 @@ def _write_atomic(files: list[tuple[Path, bytes]]) -> None:
                 os.fsync(fh.fileno())
         for (path, _), tmp in zip(files, tmps):
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise NcfError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the (slow) export when `path` cannot be written: a parent that is a file,
+    or an existing directory without write permission."""
+    parent = path.absolute().parent
+    for anc in (parent, *parent.parents):
+        if anc.exists():
+            if not anc.is_dir():
+                raise NcfError(f"cannot write {path}: {anc} is a file, not a directory")
+            if not os.access(anc, os.W_OK | os.X_OK):
+                raise NcfError(f"cannot write {path}: no write permission in {anc}")
+            return
 
 
 def default_pair_path(out: Path) -> Path:
@@ -401,6 +417,7 @@ def export_model(model_dir: Path, out: Path, *, pair_out: Path | None = None, ve
     for p in (out, pair_out):
         if p.exists() and p.is_dir():
             raise NcfError(f"{p} is a directory; give a file name such as model.onnx")
+        _check_writable(p)
     md = load_model_dir(Path(model_dir))
     model = md.model.eval()
     cfg = model.cfg

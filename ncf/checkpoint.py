@@ -73,8 +73,11 @@ def save_model_dir(
     if path.exists() and not path.is_dir():
         raise NcfError(f"{path} exists and is not a directory")
     parent = path.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise NcfError(f"cannot write the model directory {path}: {exc.strerror or exc}") from exc
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is ordinary output
     try:
         torch.save(model_state(model), tmp / "weights.pt")
@@ -87,10 +90,28 @@ def save_model_dir(
         ).write_parquet(tmp / "interactions.parquet")
         (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2) + "\n")
         _replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise NcfError(f"cannot write the model directory {path}: {exc.strerror or exc}") from exc
         raise
     return path
+
+
+def check_model_dir_writable(path: Path) -> None:
+    """NcfError now, before a long training run, if `path` could not be written at the end:
+    it is an existing file, an ancestor is a file, or the parent is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NcfError(f"{path} exists and is not a directory")
+    parent = path.absolute().parent
+    for anc in (parent, *parent.parents):
+        if anc.exists():
+            if not anc.is_dir():
+                raise NcfError(f"cannot write the model directory {path}: {anc} is a file, not a directory")
+            if not os.access(anc, os.W_OK | os.X_OK):
+                raise NcfError(f"cannot write the model directory {path}: no write permission in {anc}")
+            return
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -106,6 +127,8 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def load_model_dir(path: Path) -> ModelDir:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NcfError(f"{path} is a file, not a model directory; give the directory written by `ncf fit`")
     if not path.is_dir():
         raise NcfError(f"model directory {path} not found; train one with `ncf fit DATA`")
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
@@ -114,8 +137,10 @@ def load_model_dir(path: Path) -> ModelDir:
     try:
         config = json.loads((path / "config.json").read_text())
         state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt files: one line, not a traceback
-        raise NcfError(f"cannot read model in {path}: {exc}") from exc
+    except Exception as exc:  # corrupt files (or a pickled object weights_only refuses): one line
+        raise NcfError(f"cannot read model in {path}: {_first_line(exc)}") from exc
+    if not isinstance(config, dict):
+        raise NcfError(f"{path}/config.json is not an ncf model config; retrain the model")
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != FORMAT_VERSION or config.get("format_version") != FORMAT_VERSION:
         raise NcfError(
@@ -127,17 +152,31 @@ def load_model_dir(path: Path) -> ModelDir:
         items = pl.read_parquet(path / "items.parquet")["item_id"]
         inter = pl.read_parquet(path / "interactions.parquet")
     except Exception as exc:
-        raise NcfError(f"cannot read model in {path}: {exc}") from exc
+        raise NcfError(f"cannot read model in {path}: {_first_line(exc)}") from exc
     if (len(users), len(items)) != (model.cfg.n_users, model.cfg.n_items):
         raise NcfError(f"{path}: vocabulary sizes do not match the weights; the directory is inconsistent")
+    if not {"user_idx", "item_idx"} <= set(inter.columns):
+        raise NcfError(f"{path}/interactions.parquet lacks user_idx/item_idx; the directory is inconsistent")
+    su, si = inter["user_idx"].to_numpy(), inter["item_idx"].to_numpy()
+    if len(su) and (su.min() < 0 or su.max() >= len(users) or si.min() < 0 or si.max() >= len(items)):
+        raise NcfError(f"{path}/interactions.parquet refers to users or items outside the vocabularies; "
+                       "the directory is inconsistent")
     metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise NcfError(f"cannot read {metrics_file}: {_first_line(exc)}") from exc
     return ModelDir(
         model=model,
         config=config,
         user_ids=users,
         item_ids=items,
-        seen_users=inter["user_idx"].to_numpy(),
-        seen_items=inter["item_idx"].to_numpy(),
+        seen_users=su,
+        seen_items=si,
         metrics=metrics,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -34,7 +34,7 @@ def _run(fn, verbose: bool):
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("interrupted (`ncf score` can continue with --resume)", err=True)
         raise typer.Exit(130)
 
 
@@ -75,6 +75,7 @@ def fit(
     """Train NCF on an interactions file; write the model directory (default ncf-model/)."""
 
     def run():
+        from ncf.checkpoint import check_model_dir_writable
         from ncf.data import load_interactions
         from ncf.pipeline import FitConfig
         from ncf.pipeline import fit as fit_model
@@ -94,6 +95,7 @@ def fit(
             raise NcfError(f"--model must be gmf, mlp, neumf or fused (got {model!r})")
         if activation not in ("relu", "tanh", "sigmoid"):
             raise NcfError(f"--activation must be relu, tanh or sigmoid (got {activation!r})")
+        check_model_dir_writable(out)  # fail now, not after training
         inter = load_interactions(data, user_col=user_col, item_col=item_col, rating_col=rating_col,
                                   time_col=time_col, min_rating=min_rating)
         typer.echo(f"{data}: {len(inter):,} interactions, {inter.n_users:,} users, {inter.n_items:,} items "

@@ -75,6 +75,10 @@ def _sniff_separator(first_line: str) -> str:
     return ","
 
 
+def _sep_name(sep: str) -> str:
+    return {"\t": "tabs", " ": "spaces", "::": "'::'"}.get(sep, repr(sep))
+
+
 def _looks_like_header(fields: list[str]) -> bool:
     """A first line with no numeric field is a header; `196\t242\t3\t881250949` is not."""
     def numeric(s: str) -> bool:
@@ -115,6 +119,14 @@ def _read_text(path: Path) -> pl.DataFrame:
         raise NcfError(f"input file {path} has no rows")
     sep = _sniff_separator(first)
     has_header = _looks_like_header(first.split() if sep == " " else first.split(sep))
+    if has_header:
+        lines = [ln for ln in text_head.splitlines()[:50] if ln.strip()]
+        row = lines[1] if len(lines) > 1 else ""
+        if row and sep != " " and sep not in row and _sniff_separator(row) != sep:
+            raise NcfError(
+                f"{path}: the header is separated by {_sep_name(sep)} but the rows by {_sep_name(_sniff_separator(row))}; "
+                "use one separator throughout"
+            )
     if sep in ("::", " "):
         # polars takes a one-byte separator: map the multi-byte / whitespace one to a tab
         raw = b"\n".join(b"\t".join(line.split(sep.encode()) if sep == "::" else line.split())
@@ -141,13 +153,21 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _id_column(df: pl.DataFrame, col: str, what: str, path: Path) -> pl.Series:
+def _id_column(df: pl.DataFrame, col: str, what: str, path: Path, text: bool = False) -> pl.Series:
     s = df[col]
     if s.null_count():
         raise NcfError(f"{path}: {s.null_count()} rows have an empty {what} id in column {col!r}")
     if s.dtype.is_integer():
-        return s.cast(pl.Int64)
+        try:
+            return s.cast(pl.Int64, strict=True)
+        except Exception as exc:
+            raise NcfError(
+                f"{path}: {what} ids in column {col!r} do not fit in 64-bit integers (largest {s.max()}); "
+                "store them as strings (a Parquet string column)"
+            ) from exc
     if s.dtype == pl.String:
+        if text:
+            _check_not_mixed(s, col, what, path)
         return s
     if s.dtype.is_float():
         if (s != s.floor()).any():
@@ -156,6 +176,31 @@ def _id_column(df: pl.DataFrame, col: str, what: str, path: Path) -> pl.Series:
     if s.dtype == pl.Categorical:
         return s.cast(pl.String)
     raise NcfError(f"{path}: {what} ids in column {col!r} have type {s.dtype}; ids must be integers or strings")
+
+
+_MISSING = ("nan", "na", "n/a", "null", "none", "-", "?")
+
+
+def _check_not_mixed(s: pl.Series, col: str, what: str, path: Path) -> None:
+    """In a text file, a mostly numeric id column with a few other values (``nan``, ``NA``,
+    ``-``, a stray header) is damaged input: reading it as strings would silently change
+    the type of every id. A mostly non-numeric column is taken as string ids."""
+    missing = s.str.strip_chars().str.to_lowercase().is_in(list(_MISSING))
+    if missing.any():
+        raise NcfError(
+            f"{path}: {int(missing.sum()):,} rows have a missing {what} id ({s.filter(missing)[0]!r}) in column "
+            f"{col!r}; drop them first"
+        )
+    num = s.str.strip_chars().cast(pl.Float64, strict=False)
+    numeric = num.is_not_null() & num.is_finite()
+    n_num = int(numeric.sum())
+    n_other = len(s) - n_num
+    if n_num and n_other and n_other < n_num:
+        example = s.filter(~numeric)[0]
+        raise NcfError(
+            f"{path}: {what} ids in column {col!r} mix numbers with {n_other:,} other value(s) such as {example!r}; "
+            "fix or drop those rows (to use string ids, write the column as strings in Parquet)"
+        )
 
 
 def _timestamp_column(df: pl.DataFrame, col: str, path: Path) -> pl.Series:
@@ -196,7 +241,9 @@ def load_interactions(
     rcol = _find(cols, RATING_NAMES, rating_col, "ratings")
     tcol = _find(cols, TIME_NAMES, time_col, "timestamps")
 
-    frame = pl.DataFrame({"user": _id_column(df, ucol, "user", path), "item": _id_column(df, icol, "item", path)})
+    text = path.suffix.lower() not in (".parquet", ".pq")
+    frame = pl.DataFrame({"user": _id_column(df, ucol, "user", path, text),
+                          "item": _id_column(df, icol, "item", path, text)})
     if tcol is not None:
         frame = frame.with_columns(ts=_timestamp_column(df, tcol, path))
     if min_rating is not None:

@@ -82,11 +82,19 @@ def print_fit_report(report) -> None:
 
 
 def print_stored_metrics(model_dir: Path) -> None:
+    if not Path(model_dir).is_dir():
+        raise NcfError(f"model directory {model_dir} not found; train one with `ncf fit DATA`")
     path = Path(model_dir) / "metrics.json"
     if not path.is_file():
         raise NcfError(f"no metrics in {model_dir}; train with `ncf fit DATA` first")
-    metrics = json.loads(path.read_text())
-    out_console.print(stage_table(metrics["stages"]))
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError as exc:
+        raise NcfError(f"cannot read {path}: {exc}") from exc
+    stages = metrics.get("stages") if isinstance(metrics, dict) else None
+    if not stages:
+        raise NcfError(f"no metrics in {model_dir} (its metrics.json has no stages); retrain with `ncf fit`")
+    out_console.print(stage_table(stages))
     out_console.print(f"selected stage: {metrics['selected']}", highlight=False)
 
 
