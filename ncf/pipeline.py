@@ -48,6 +48,10 @@ class FitConfig:
     k: int = 10
     seed: int = 0
     device: str = "auto"
+    # CPU threads for torch. One: a training step at these sizes is a few ms of small ops, and
+    # a second intra-op thread gained nothing idle but lost 30x when the other core was busy
+    # (tests/benchmarks/bench_train.py, step ablation).
+    threads: int = 1
 
 
 def scaled_lr(batch_size: int, base: float = 1e-3, base_batch: int = 256) -> float:
@@ -116,6 +120,7 @@ def fit(
             "3 or more interactions"
         )
     device = resolve_device(cfg.device)
+    torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
     val, test = build_eval_sets(inter, split, cfg.seed)
     data = EpochData(split.train_users, split.train_items, inter.n_items, device)
