@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 NCF    := $(abspath $(VENV))/bin/ncf
 DEMO   ?= demo
 
-.PHONY: install demo test test-all bench bench-score bench-train lint clean
+.PHONY: install demo test test-all bench bench-score bench-train bench-memory bench-ray lint clean
 
 install: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $@
 
 # end to end on embedded SYNTHETIC data: fit -> export -> score
@@ -27,13 +27,21 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-bench: bench-score bench-train
+bench: bench-score bench-train bench-memory bench-ray
 
 bench-score: install
 	$(PY) tests/benchmarks/bench_score.py
 
 bench-train: install
 	$(PY) tests/benchmarks/bench_train.py
+
+# peak RSS of `ncf score` at N, 10N and 100N users: flat = memory bounded
+bench-memory: install
+	$(PY) tests/benchmarks/bench_memory.py
+
+# local engine vs Ray Data on the large synthetic grid (a local Ray instance on this machine)
+bench-ray: install
+	$(PY) tests/benchmarks/bench_ray.py
 
 lint: install
 	$(VENV)/bin/ruff check ncf export batch tests

@@ -137,13 +137,6 @@ def path_fingerprint(path: Path | None) -> list | None:
     return out
 
 
-def count_rows(dataset: ds.Dataset, path: Path, what: str) -> int:
-    try:
-        return int(dataset.count_rows())
-    except Exception as exc:
-        raise NcfError(f"cannot read {what} file {path}: {_one_line(exc)}") from exc
-
-
 def check_id_type(t: pa.DataType, vocab_type: pa.DataType, path: Path, column: str, what: str) -> None:
     """Fail early, before any output exists, when the column cannot hold vocabulary ids."""
     if pa.types.is_dictionary(t):
