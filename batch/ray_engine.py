@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from batch import io as bio
-from batch.score import UNKNOWN_POLICIES
+from batch.score import check_options
 from batch.scorer import CPU_EP, CUDA_EP, DEVICES, GridScorer, cpu_count
 from ncf.errors import NcfError
 
@@ -411,16 +411,9 @@ def score_users_ray(
     of `batch.score.score_users` for the same inputs. Returns a summary dict with a `line`.
     `block_users` overrides the users per actor call (default: from the grid size)."""
     t0 = time.perf_counter()
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise NcfError(f"--k must be an integer, got {k!r}")
-    if k <= 0:
-        raise NcfError(f"--k must be at least 1, got {k}")
-    if unknown not in UNKNOWN_POLICIES:
-        raise NcfError(f"unknown-user policy must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
+    check_options(k, unknown, chunk_users)
     if device not in DEVICES:
         raise NcfError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if chunk_users is not None and chunk_users < 1:
-        raise NcfError(f"chunk size must be at least 1 user, got {chunk_users}")
     if block_users is not None and block_users < 1:
         raise NcfError(f"block size must be at least 1 user, got {block_users}")
     out, users_path, model_path = Path(out).absolute(), Path(users_path).absolute(), Path(model_path)

@@ -314,6 +314,18 @@ def _same_file(a: Path, b: Path | None) -> bool:
         return False
 
 
+def check_options(k, unknown: str, chunk_users: int | None) -> None:
+    """The option checks both engines make before any work."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise NcfError(f"--k must be an integer, got {k!r}")
+    if k <= 0:
+        raise NcfError(f"--k must be at least 1, got {k}")
+    if unknown not in UNKNOWN_POLICIES:
+        raise NcfError(f"unknown-user policy must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
+    if chunk_users is not None and chunk_users < 1:
+        raise NcfError(f"chunk size must be at least 1 user, got {chunk_users}")
+
+
 def score_users(
     model_path: Path,
     users_path: Path,
@@ -335,14 +347,7 @@ def score_users(
     NcfError for bad input, with no output file left behind."""
     t0 = time.perf_counter()
     part_seconds = PART_SECONDS if part_seconds is None else part_seconds
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise NcfError(f"--k must be an integer, got {k!r}")
-    if k <= 0:
-        raise NcfError(f"--k must be at least 1, got {k}")
-    if unknown not in UNKNOWN_POLICIES:
-        raise NcfError(f"unknown-user policy must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
-    if chunk_users is not None and chunk_users < 1:
-        raise NcfError(f"chunk size must be at least 1 user, got {chunk_users}")
+    check_options(k, unknown, chunk_users)
     out, users_path, model_path = Path(out), Path(users_path), Path(model_path)
     items_path = Path(items_path) if items_path is not None else None
     if out.exists() and out.is_dir():
