@@ -47,7 +47,7 @@ def fit(
     factors: Annotated[int, typer.Option(help="Predictive factors (GMF size, last MLP layer).")] = 8,
     mlp_layers: Annotated[int, typer.Option(help="Hidden MLP layers; sizes halve down to --factors.")] = 3,
     activation: Annotated[str, typer.Option(help="MLP activation: relu, tanh or sigmoid.")] = "relu",
-    epochs: Annotated[int, typer.Option(help="Max epochs per stage (early-stopped on validation).")] = 20,
+    epochs: Annotated[int, typer.Option(help="Max epochs per stage (early-stopped on validation).")] = 40,
     sgd_epochs: Annotated[int, typer.Option(help="Max epochs of NeuMF's SGD+momentum stage.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Training batch size (the paper: 256).")] = 2048,
     lr: Annotated[float | None, typer.Option(
@@ -58,7 +58,7 @@ def fit(
         help="SGD+momentum learning rate of the last stage (default: 1e-3 * batch-size / 256).")] = None,
     alpha: Annotated[float, typer.Option(help="Pre-training trade-off: h = (a h_GMF, (1-a) h_MLP).")] = 0.5,
     num_neg: Annotated[int, typer.Option(help="Sampled negatives per positive, redrawn each epoch.")] = 4,
-    patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without gain.")] = 3,
+    patience: Annotated[int, typer.Option(help="Stop a stage after this many epochs without gain.")] = 5,
     min_rating: Annotated[float | None, typer.Option(help="Keep only rows rated at least this.")] = None,
     user_col: Annotated[str | None, typer.Option(help="User id column (default: detected).")] = None,
     item_col: Annotated[str | None, typer.Option(help="Item id column (default: detected).")] = None,

@@ -18,7 +18,7 @@ def synthetic_interactions(n_users: int = 800, n_items: int = 1000, dim: int = 8
     taste_i = rng.normal(size=(n_items, dim))
     popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
     rng.shuffle(popularity)
-    logits = 1.2 * taste_u @ taste_i.T / np.sqrt(dim) + np.log(popularity)[None, :]
+    logits = 2.5 * taste_u @ taste_i.T / np.sqrt(dim) + np.log(popularity)[None, :]
     # Gumbel-top-k: sampling without replacement from softmax(logits), per user
     noisy = logits + rng.gumbel(size=logits.shape)
     counts = np.clip(rng.geometric(1.0 / mean_per_user, size=n_users) + 5, 5, n_items // 2)
