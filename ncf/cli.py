@@ -189,8 +189,8 @@ def score(
     """Score users against candidate items and write the top-k per user as Parquet."""
 
     def run():
-        common = dict(k=k, items_path=items, include_seen=include_seen, unknown=unknown, device=device,
-                      progress=progress and sys.stderr.isatty())
+        common = {"k": k, "items_path": items, "include_seen": include_seen, "unknown": unknown,
+                  "device": device, "progress": progress and sys.stderr.isatty()}
         if engine == "local":
             from batch.score import score_users
 

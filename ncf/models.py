@@ -4,6 +4,7 @@ to a logit; the sigmoid lives in the loss (BCE with logits) and at scoring time.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -60,7 +61,7 @@ class MLPTower(nn.Module):
 
     def __init__(self, layers: tuple[int, ...], activation: str):
         super().__init__()
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(layers))
         self.act = ACTIVATIONS[activation]()
         for lin in self.linears:
             nn.init.xavier_uniform_(lin.weight)

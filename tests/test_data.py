@@ -19,7 +19,7 @@ def test_movielens_u_data(tmp_path):
     inter = load_interactions(p)
     _check(inter)
     # duplicate pair keeps its latest timestamp
-    k = [j for j in range(len(inter)) if inter.users[j] == 0 and inter.items[j] == 0][0]
+    k = next(j for j in range(len(inter)) if inter.users[j] == 0 and inter.items[j] == 0)
     assert inter.timestamps[k] == 104
 
 

@@ -16,7 +16,7 @@ def test_training_negatives_are_never_positives_and_resampled():
     nu, ni = training_negatives(users, pos, 4, rng)
     assert len(nu) == 4 * len(users)
     assert not pos.contains(nu, ni).any()
-    nu2, ni2 = training_negatives(users, pos, 4, rng)
+    _, ni2 = training_negatives(users, pos, 4, rng)
     assert not np.array_equal(ni, ni2)  # redrawn each epoch
 
 

@@ -129,7 +129,7 @@ def main() -> None:
         inter = load_interactions(args.data)
     cfg = FitConfig()
     split = leave_one_out(inter, seed=0)
-    val, test = build_eval_sets(inter, split, seed=0)
+    _, test = build_eval_sets(inter, split, seed=0)
     mcfg = ModelConfig("neumf", inter.n_users, inter.n_items)
     print(f"data: {len(split.train_users):,} training positives, {inter.n_users:,} users, "
           f"{inter.n_items:,} items; NeuMF paper defaults; {cfg.num_neg} negatives; "

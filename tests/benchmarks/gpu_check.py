@@ -19,10 +19,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_score import K, make_model  # noqa: E402
+from bench_score import K, make_model
 
-from batch.scorer import GridScorer  # noqa: E402
-from ncf.errors import NcfError  # noqa: E402
+from batch.scorer import GridScorer
+from ncf.errors import NcfError
 
 
 def main() -> int:
@@ -55,7 +55,6 @@ def main() -> int:
         import torch
 
         if torch.cuda.is_available():
-            from bench_train import DEFAULT_DATA  # noqa: F401  (same configuration as the CPU bench)
             from ncf.models import ModelConfig, NeuMF
             from ncf.pipeline import scaled_lr
             from ncf.train import StageConfig, make_optimizer, train_epoch
