@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -46,7 +47,7 @@ def ml100k(cfg: FitConfig) -> None:
     pre = fit(inter, cfg, None)
     t_pre = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scratch = fit(inter, copy.replace(cfg, pretrain=False), None)
+    scratch = fit(inter, dataclasses.replace(cfg, pretrain=False), None)
     t_scratch = time.perf_counter() - t0
     print(f"\nML-100K, leave-one-out, {pre.n_eval_users} users (test metrics; selection on validation)")
     print(header())
