@@ -17,7 +17,12 @@
       and the activation remain;
     - GMF as a matrix product: h_G . (p * q) = (h_G * p) . q, so the GMF logits of a chunk are
       one [B, F] x [F, N] Gemm;
-    - the remaining tower layers run as 2-D Gemms on a features-first [L, B*N] layout: the
+    - with ReLU, relu(z + c) = max(z, -c) + c moves every per-user term out of the pair loop:
+      layer 1 is one broadcast Max(-U1_u, I1) (no separate Add and Relu), each further layer
+      a bias-free MatMul W_j m and a broadcast Max with -c_j (c_j = W_j c_{j-1} + b_j, a user
+      table), and hM . c_last + h_b is a per-user offset that becomes the GMF Gemm's bias;
+      measured ~10% faster per call than Add + Relu + Gemm(bias, ReLU) on a 2-core EPYC;
+    - otherwise (tanh, sigmoid) the remaining tower layers run as 2-D Gemms on a features-first [L, B*N] layout: the
       broadcast add [L1, B, 1] + [L1, 1, N] then walks contiguous spans of N (the
       rows-first layout [B, N, L1] was measured 3x slower for that add), bias and ReLU fuse
       into the Gemm, and the output layer is a [1, L] x [L, B*N] MatMul;
@@ -214,12 +219,36 @@ def grid_graph(model: NCFModel) -> onnx.ModelProto:
         m = g.node("MatMul", [g.init("hM", _f32(t["hM"][None, :])), x])  # [1, B*N]
         return g.node("Reshape", [m, bn])
 
+    def relu_tower_to_logits(i1: str) -> tuple[str, str]:
+        """ReLU tower by relu(z + c) = max(z, -c) + c, c a per-user constant carried forward:
+        layer 1 is one broadcast Max(-U1_u, I1) (no Add, no Relu), each further layer a
+        bias-free MatMul and a Max with -c_j, c_j = W_j c_{j-1} + b_j; the remainder
+        hM . c_last + hb is a per-user logit offset. -> ([B, N] MLP logits, [B, 1] offset)"""
+        c = t["U1"]  # [n_users, L1]
+        x = g.node("Max", [user_col(-c, "user_mlp"), i1])  # [L1, B, N]
+        for j, (w, b) in enumerate(t.get("tower", []), start=2):
+            flat = g.node("Reshape", [x, g.init(f"flat{j}", np.array([w.shape[1], -1], np.int64))])  # [L, B*N]
+            z = g.node("MatMul", [g.init(f"W{j}", _f32(w)), flat])
+            dims = g.node("Concat", [g.init(f"rows{j}", np.array([w.shape[0]], np.int64)), "shape_b", "minus1"], axis=0)
+            c = c @ w.T + b
+            x = g.node("Max", [g.node("Reshape", [z, dims]), user_col(-c, f"user_c{j}")])
+        flat = g.node("Reshape", [x, g.init("flat_out", np.array([c.shape[1], -1], np.int64))])
+        m = g.node("MatMul", [g.init("hM", _f32(t["hM"][None, :])), flat])  # [1, B*N]
+        g.init("user_offset", _f32((c @ t["hM"] + t["hb"])[:, None]))  # [n_users, 1]
+        return g.node("Reshape", [m, bn]), g.node("Gather", ["user_offset", "users"], axis=0)
+
     kind = t["kind"]
     parts = []
+    offset = "hb"
     if kind in ("mlp", "neumf"):
         i1 = g.item_table("item_mlp", t["I1"].T[:, None, :])  # [L1, 1, N]
-        a1 = g.node(act, [g.node("Add", [user_col(t["U1"], "user_mlp"), i1])])
-        parts.append(tower_to_logits(a1, t["U1"].shape[1]))
+        if t["act"] == "relu":
+            g.node("Shape", ["users"], "shape_b")
+            mlp, offset = relu_tower_to_logits(i1)
+            parts.append(mlp)
+        else:
+            a1 = g.node(act, [g.node("Add", [user_col(t["U1"], "user_mlp"), i1])])
+            parts.append(tower_to_logits(a1, t["U1"].shape[1]))
     if kind == "fused":
         q = g.item_table("item_emb", t["Q"].T[:, None, :])  # [F, 1, N]
         i1 = g.item_table("item_lin", t["I1"].T[:, None, :])
@@ -229,9 +258,9 @@ def grid_graph(model: NCFModel) -> onnx.ModelProto:
     if kind in ("gmf", "neumf"):
         qg = g.item_table("item_gmf", t["QG"].T)  # [F, N]
         ug = g.node("Gather", [g.init("user_gmf", _f32(t["G"])), "users"], axis=0)  # [B, F]
-        parts.append(g.node("Gemm", [ug, qg, "hb"]))  # [B, N], bias included
+        parts.append(g.node("Gemm", [ug, qg, offset]))  # [B, N], bias (or per-user offset) included
     else:
-        parts.append("hb")
+        parts.append(offset)
     logits0 = g.node("Add", parts) if len(parts) == 2 else parts[0]
 
     g.init("neginf", np.array([-np.inf], np.float32))
