@@ -38,3 +38,22 @@ def test_evaluation_negatives_pad_when_too_few_items():
     pos = PositiveSet(users, items, 10)
     negs = evaluation_negatives(np.array([0]), pos, 5, np.random.default_rng(0))
     assert sorted(negs[0].tolist()) == [-1, -1, -1, 8, 9]
+
+
+def test_epoch_data_rows_labels_and_fresh_negatives():
+    import torch
+
+    from ncf.train import EpochData
+
+    rng = np.random.default_rng(2)
+    users, items = _data(rng)
+    data = EpochData(users, items, 40, torch.device("cpu"))
+    pos = PositiveSet(users, items, 40)
+    u, i, y = (t.numpy().copy() for t in data.draw(4, rng))
+    assert len(u) == 5 * len(users) and y.sum() == len(users)
+    assert sorted(zip(u[y == 1].tolist(), i[y == 1].tolist())) == sorted(zip(users.tolist(), items.tolist()))
+    assert not pos.contains(u[y == 0], i[y == 0]).any()
+    assert np.array_equal(np.bincount(u[y == 0]), 4 * np.bincount(users))
+    u2, i2, y2 = (t.numpy() for t in data.draw(4, rng))
+    assert not pos.contains(u2[y2 == 0], i2[y2 == 0]).any()
+    assert not np.array_equal(u, u2)  # reshuffled and redrawn
