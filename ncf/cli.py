@@ -49,7 +49,7 @@ def fit(
     activation: Annotated[str, typer.Option(help="MLP activation: relu, tanh or sigmoid.")] = "relu",
     epochs: Annotated[int, typer.Option(help="Max epochs per stage (early-stopped on validation).")] = 40,
     sgd_epochs: Annotated[int, typer.Option(help="Max epochs of NeuMF's SGD+momentum stage.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Training batch size (the paper: 256).")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Training batch size (the paper: 256).")] = 2048,
     lr: Annotated[float | None, typer.Option(
         help="Adam learning rate of GMF, MLP, NeuMF from scratch (default: 1e-3 * batch-size / 256).")] = None,
     neumf_lr: Annotated[float | None, typer.Option(

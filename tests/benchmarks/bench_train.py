@@ -87,8 +87,8 @@ def step_ablation(n_users: int, n_items: int, steps: int = 150) -> None:
         ("batch 256, Adam (fused), 2 threads", 256, True, 2),
         ("batch 256, Adam (fused), 1 thread", 256, True, 1),
         ("batch 2048, Adam (fused), 2 threads", 2048, True, 2),
-        ("batch 2048, Adam (fused), 1 thread", 2048, True, 1),
-        ("batch 4096, Adam (fused), 1 thread   [ncf default]", 4096, True, 1),
+        ("batch 2048, Adam (fused), 1 thread   [ncf default]", 2048, True, 1),
+        ("batch 4096, Adam (fused), 1 thread", 4096, True, 1),
         ("batch 8192, Adam (fused), 1 thread", 8192, True, 1),
     ]
     threads_before = torch.get_num_threads()
