@@ -46,8 +46,8 @@ import numpy as np
 import pyarrow as pa
 
 from batch import io as bio
-from batch.score import check_options
-from batch.scorer import CPU_EP, CUDA_EP, DEVICES, GridScorer, cpu_count
+from batch.score import check_options, restrict_to_items
+from batch.scorer import CPU_EP, CUDA_EP, DEVICES, GridScorer, cpu_count, read_model_bytes
 from ncf.errors import NcfError
 
 INSTALL_HINT = "pip install 'ncf[ray]' (in this repo: .venv/bin/pip install -e '.[ray]')"
@@ -422,12 +422,7 @@ def score_users_ray(
 
     # Everything that can be checked is checked in the driver before Ray starts.
     users_ds, users_col = bio.open_ids(users_path, "user", "--users")
-    if not model_path.is_file():
-        raise NcfError(f"model file {model_path} not found; create it with `ncf export`")
-    try:
-        model_bytes = model_path.read_bytes()
-    except OSError as exc:
-        raise NcfError(f"cannot read model file {model_path}: {exc}") from exc
+    model_bytes = read_model_bytes(model_path)
     scorer = GridScorer.from_bytes(model_bytes, device="cpu", threads=1, source=str(model_path))
     try:
         user_type, item_type = scorer.user_ids.type, scorer.item_ids.type
@@ -435,17 +430,8 @@ def score_users_ray(
         total = bio.check_ids_upfront(users_ds, users_col, users_path, "user", "--users")
         if total == 0:
             raise NcfError(f"users file {users_path} has no rows; nothing to score (no output written)")
-        unknown_items = 0
-        candidates = None
-        if items_path is not None:
-            raw_items = bio.read_all_ids(Path(items_path), "item", "--items", item_type)
-            idx = scorer.item_index(raw_items)
-            unknown_items = len(set(raw_items.filter(pa.array(idx < 0)).to_pylist()))
-            known = np.unique(idx[idx >= 0])
-            if len(known) == 0:
-                raise NcfError(f"none of the {len(raw_items)} ids in --items {items_path} are items the model knows")
-            scorer.set_candidates(known)
-            candidates = known if scorer.candidates is not None else None
+        unknown_items = restrict_to_items(scorer, items_path, item_type) if items_path is not None else 0
+        candidates = scorer.candidates  # None: every item
         if k > scorer.n_candidates:
             raise NcfError(f"--k {k} is larger than the number of candidate items ({scorer.n_candidates})")
         n_c = scorer.n_candidates

@@ -326,6 +326,21 @@ def check_options(k, unknown: str, chunk_users: int | None) -> None:
         raise NcfError(f"chunk size must be at least 1 user, got {chunk_users}")
 
 
+def restrict_to_items(scorer: GridScorer, items_path: Path, item_type: pa.DataType) -> int:
+    """`--items`: make the known ids of the file the candidates; returns how many distinct
+    ids the model does not know (ignored). Both engines use it."""
+    raw_items = bio.read_all_ids(Path(items_path), "item", "--items", item_type)
+    if len(raw_items) == 0:
+        raise NcfError(f"--items {items_path} has no rows: the candidate set is empty; "
+                       f"leave --items out to score every item")
+    idx = scorer.item_index(raw_items)
+    known = np.unique(idx[idx >= 0])
+    if len(known) == 0:
+        raise NcfError(f"none of the {len(raw_items)} ids in --items {items_path} are items the model knows")
+    scorer.set_candidates(known)
+    return len(set(raw_items.filter(pa.array(idx < 0)).to_pylist()))
+
+
 def score_users(
     model_path: Path,
     users_path: Path,
@@ -377,18 +392,7 @@ def score_users(
         bio.check_id_type(users_ds.schema.field(users_col).type, user_type, users_path, users_col, "user")
         if total == 0:
             raise NcfError(f"users file {users_path} has no rows; nothing to score (no output written)")
-        unknown_items = 0
-        if items_path is not None:
-            raw_items = bio.read_all_ids(items_path, "item", "--items", item_type)
-            if len(raw_items) == 0:
-                raise NcfError(f"--items {items_path} has no rows: the candidate set is empty; "
-                               f"leave --items out to score every item")
-            idx = scorer.item_index(raw_items)
-            unknown_items = len(set(raw_items.filter(pa.array(idx < 0)).to_pylist()))
-            known = np.unique(idx[idx >= 0])
-            if len(known) == 0:
-                raise NcfError(f"none of the {len(raw_items)} ids in --items {items_path} are items the model knows")
-            scorer.set_candidates(known)
+        unknown_items = restrict_to_items(scorer, items_path, item_type) if items_path is not None else 0
         if k > scorer.n_candidates:
             raise NcfError(f"--k {k} is larger than the number of candidate items ({scorer.n_candidates})")
         n_c = scorer.n_candidates

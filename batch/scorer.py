@@ -157,6 +157,15 @@ def _bucket(n: int) -> int:
     return 0 if n == 0 else max(16, 1 << (n - 1).bit_length())
 
 
+def read_model_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise NcfError(f"model file {path} not found; create it with `ncf export`")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise NcfError(f"cannot read model file {path}: {exc}") from exc
+
+
 class GridScorer:
     """Top-k of a batch of user indices against the candidate items, on the grid graph."""
 
@@ -170,14 +179,8 @@ class GridScorer:
         source: str | None = None,
     ):
         if isinstance(model, (str, Path)):
-            path = Path(model)
-            source = source or str(path)
-            if not path.is_file():
-                raise NcfError(f"model file {path} not found; create it with `ncf export`")
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise NcfError(f"cannot read model file {path}: {exc}") from exc
+            source = source or str(model)
+            data = read_model_bytes(Path(model))
         else:
             data = bytes(model)
             source = source or "model bytes"
