@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from batch import io as bio
-from batch.score import check_options, restrict_to_items
+from batch.score import FirstOccurrence, check_options, restrict_to_items
 from batch.scorer import CPU_EP, CUDA_EP, DEVICES, GridScorer, cpu_count, read_model_bytes
 from ncf.errors import NcfError
 
@@ -574,8 +574,7 @@ def _read_users(ray, files: list[str], column: str, scorer: GridScorer, users_pa
     """Users in input order, cast to the vocabulary type, duplicates dropped (first occurrence,
     exactly as batch.score does), unknown ones kept with index -1 unless skipped."""
     user_type = scorer.user_ids.type
-    seen_user = np.zeros(scorer.n_users, bool)
-    seen_unknown: set = set()
+    first_seen = FirstOccurrence(scorer, unknown, stats)
     ids_parts: list[pa.Array] = []
     idx_parts: list[np.ndarray] = []
     ds = ray.data.read_parquet(list(files)).select_columns([column])
@@ -583,30 +582,10 @@ def _read_users(ray, files: list[str], column: str, scorer: GridScorer, users_pa
         if batch.num_rows == 0:
             continue
         ids = bio.cast_ids(batch.column(column), user_type, users_path, column, "user")
-        stats["users_in"] += len(ids)
-        idx = scorer.user_index(ids)
-        keep_mask = np.zeros(len(ids), bool)
-        kpos = np.flatnonzero(idx >= 0)
-        if len(kpos):
-            _, first = np.unique(idx[kpos], return_index=True)
-            keep = kpos[np.sort(first)]
-            keep = keep[~seen_user[idx[keep]]]
-            stats["duplicates"] += len(kpos) - len(keep)
-            seen_user[idx[keep]] = True
-            keep_mask[keep] = True
-        upos = np.flatnonzero(idx < 0)
-        if len(upos):
-            for p, v in zip(upos, ids.take(pa.array(upos)).to_pylist()):
-                if v in seen_unknown:
-                    stats["duplicates"] += 1
-                else:
-                    seen_unknown.add(v)
-                    stats["unknown"] += 1
-                    keep_mask[p] = unknown == "popular"
-        if keep_mask.any():
-            sel = pa.array(keep_mask)
-            ids_parts.append(ids.filter(sel))
-            idx_parts.append(idx[keep_mask])
+        keep, idx = first_seen.keep(ids)
+        if len(keep):
+            ids_parts.append(ids.take(pa.array(keep)))
+            idx_parts.append(idx[keep])
     return ids_parts, idx_parts
 
 

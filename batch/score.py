@@ -326,6 +326,46 @@ def check_options(k, unknown: str, chunk_users: int | None) -> None:
         raise NcfError(f"chunk size must be at least 1 user, got {chunk_users}")
 
 
+class FirstOccurrence:
+    """The users-file policy both engines share: each user is scored at its first occurrence
+    in the stream, later ones are counted as duplicates; unknown users are counted once and
+    kept only under "popular". Memory: one byte per model user plus the distinct unknown ids."""
+
+    def __init__(self, scorer: GridScorer, unknown: str, stats: dict):
+        self.scorer, self.unknown, self.stats = scorer, unknown, stats
+        self.seen_user = np.zeros(scorer.n_users, bool)
+        self.seen_unknown: set = set()
+
+    def keep(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in this batch that produce output, ascending; user index of every row,
+        -1 if unknown)."""
+        stats = self.stats
+        stats["users_in"] += len(ids)
+        idx = self.scorer.user_index(ids)
+        known = idx >= 0
+        kpos = np.flatnonzero(known)
+        keep = kpos[:0]
+        if len(kpos):
+            _, first = np.unique(idx[kpos], return_index=True)
+            keep = kpos[np.sort(first)]
+            keep = keep[~self.seen_user[idx[keep]]]
+            stats["duplicates"] += len(kpos) - len(keep)
+            self.seen_user[idx[keep]] = True
+        upos = np.flatnonzero(~known)
+        if len(upos):
+            new = []
+            for p, v in zip(upos, ids.take(pa.array(upos)).to_pylist()):
+                if v in self.seen_unknown:
+                    stats["duplicates"] += 1
+                else:
+                    self.seen_unknown.add(v)
+                    new.append(p)
+            stats["unknown"] += len(new)
+            if self.unknown == "popular" and new:
+                keep = np.sort(np.concatenate([keep, np.asarray(new, np.int64)]))
+        return keep, idx
+
+
 def restrict_to_items(scorer: GridScorer, items_path: Path, item_type: pa.DataType) -> int:
     """`--items`: make the known ids of the file the candidates; returns how many distinct
     ids the model does not know (ignored). Both engines use it."""
@@ -453,37 +493,10 @@ def score_users(
             stats["pairs"] = stats["scored"] * n_c
             scored_before = stats["scored"]
 
-            seen_user = np.zeros(scorer.n_users, bool)
-            seen_unknown: set = set()
+            first_seen = FirstOccurrence(scorer, unknown, stats)
 
             def classify(ids: pa.Array) -> np.ndarray:
-                """Positions (in this batch, ascending) of the rows that produce output:
-                first occurrences of known users, and of unknown ones under "popular"."""
-                n = len(ids)
-                stats["users_in"] += n
-                idx = scorer.user_index(ids)
-                known = idx >= 0
-                kpos = np.flatnonzero(known)
-                keep = kpos[:0]
-                if len(kpos):
-                    _, first = np.unique(idx[kpos], return_index=True)
-                    keep = kpos[np.sort(first)]
-                    keep = keep[~seen_user[idx[keep]]]
-                    stats["duplicates"] += len(kpos) - len(keep)
-                    seen_user[idx[keep]] = True
-                upos = np.flatnonzero(~known)
-                if len(upos):
-                    new = []
-                    for p, v in zip(upos, ids.take(pa.array(upos)).to_pylist()):
-                        if v in seen_unknown:
-                            stats["duplicates"] += 1
-                        else:
-                            seen_unknown.add(v)
-                            new.append(p)
-                    stats["unknown"] += len(new)
-                    if unknown == "popular" and new:
-                        keep = np.sort(np.concatenate([keep, np.asarray(new, np.int64)]))
-                return keep
+                return first_seen.keep(ids)[0]
 
             bar = _progress(progress, total)
             task = bar.add_task("score", total=total, users_s=0.0, pairs_s=0.0) if bar else None
