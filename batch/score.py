@@ -71,6 +71,7 @@ import pyarrow as pa
 from batch import io as bio
 from batch.scorer import GridScorer
 from ncf.errors import NcfError
+from ncf.paths import check_writable_location
 
 UNKNOWN_POLICIES = ("popular", "skip")
 WORK_VERSION = 1
@@ -410,12 +411,7 @@ def score_users(
     for given, flag in ((users_path, "--users"), (model_path, "--model"), (items_path, "--items")):
         if _same_file(out, given):
             raise NcfError(f"--out {out} is the {flag} input; the output would replace it: choose another --out")
-    parent = out.absolute().parent
-    for anc in (parent, *parent.parents):
-        if anc.exists():
-            if not anc.is_dir():
-                raise NcfError(f"cannot write {out}: {anc} is a file, not a directory")
-            break
+    check_writable_location(out)
     if model_path.is_dir():
         raise NcfError(f"--model {model_path} is a directory; give the model.onnx file written by `ncf export`")
 

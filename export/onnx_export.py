@@ -60,6 +60,7 @@ from batch import modelfile as mf
 from ncf.checkpoint import ModelDir, load_model_dir
 from ncf.errors import NcfError
 from ncf.models import NCFModel
+from ncf.paths import check_writable_location
 
 OPSET = mf.OPSET
 IR_VERSION = 10
@@ -416,19 +417,6 @@ def _write_atomic(files: list[tuple[Path, bytes]]) -> None:
         raise
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before the (slow) export when `path` cannot be written: a parent that is a file,
-    or an existing directory without write permission."""
-    parent = path.absolute().parent
-    for anc in (parent, *parent.parents):
-        if anc.exists():
-            if not anc.is_dir():
-                raise NcfError(f"cannot write {path}: {anc} is a file, not a directory")
-            if not os.access(anc, os.W_OK | os.X_OK):
-                raise NcfError(f"cannot write {path}: no write permission in {anc}")
-            return
-
-
 def default_pair_path(out: Path) -> Path:
     out = Path(out)
     return out.with_name(out.stem + ".pair" + (out.suffix or ".onnx"))
@@ -446,7 +434,7 @@ def export_model(model_dir: Path, out: Path, *, pair_out: Path | None = None, ve
     for p in (out, pair_out):
         if p.exists() and p.is_dir():
             raise NcfError(f"{p} is a directory; give a file name such as model.onnx")
-        _check_writable(p)
+        check_writable_location(p)
     md = load_model_dir(Path(model_dir))
     model = md.model.eval()
     cfg = model.cfg

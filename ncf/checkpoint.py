@@ -27,6 +27,7 @@ import torch
 
 from ncf.errors import NcfError
 from ncf.models import ModelConfig, NCFModel, build_model
+from ncf.paths import check_writable_location
 
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("config.json", "weights.pt", "users.parquet", "items.parquet", "interactions.parquet")
@@ -104,14 +105,7 @@ def check_model_dir_writable(path: Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NcfError(f"{path} exists and is not a directory")
-    parent = path.absolute().parent
-    for anc in (parent, *parent.parents):
-        if anc.exists():
-            if not anc.is_dir():
-                raise NcfError(f"cannot write the model directory {path}: {anc} is a file, not a directory")
-            if not os.access(anc, os.W_OK | os.X_OK):
-                raise NcfError(f"cannot write the model directory {path}: no write permission in {anc}")
-            return
+    check_writable_location(path, f"the model directory {path}")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
