@@ -117,6 +117,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=FitConfig().batch_size,
+                    help="ncf's batch size (lr follows 1e-3 * batch / 256); default: ncf fit's")
     ap.add_argument("--quick", action="store_true", help="synthetic data, 1 epoch: a smoke run")
     args = ap.parse_args()
 
@@ -153,7 +155,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = NeuMF(mcfg)
-    sc = StageConfig("bench", batch_size=cfg.batch_size, lr=scaled_lr(cfg.batch_size), num_neg=cfg.num_neg)
+    sc = StageConfig("bench", batch_size=args.batch_size, lr=scaled_lr(args.batch_size), num_neg=cfg.num_neg)
     opt = make_optimizer(model, sc)
     data = EpochData(split.train_users, split.train_items, inter.n_items, torch.device("cpu"))
     rng = np.random.default_rng(0)
