@@ -138,20 +138,17 @@ def main() -> None:
           f"{inter.n_items:,} items; NeuMF paper defaults; {cfg.num_neg} negatives; "
           f"{args.epochs} epochs; 1 torch thread for both paths")
 
-    results = {}
     # both paths on one thread: the speed-up must come from the data path, batch and optimizer,
-    # not from a second thread that contention on a shared 2-core machine can make very slow
+    # not from a second thread that contention on a shared 2-core machine can make very slow.
+    # Epochs alternate between the two paths so that both see the same machine conditions
+    # (this shared VM drifts by +-30% within minutes).
     threads_default = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     np.random.seed(0)
-    model = NeuMF(mcfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ref_model = NeuMF(mcfg)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
     ds = TripletDataset(split.train_users, split.train_items, inter.n_items, cfg.num_neg)
-    t0, n = time.perf_counter(), 0
-    for _ in range(args.epochs):
-        n += reference_epoch(model, opt, ds)
-    results["reference (Dataset+DataLoader, batch 256)"] = (n / (time.perf_counter() - t0), model)
 
     torch.manual_seed(0)
     model = NeuMF(mcfg)
@@ -159,14 +156,24 @@ def main() -> None:
     opt = make_optimizer(model, sc)
     data = EpochData(split.train_users, split.train_items, inter.n_items, torch.device("cpu"))
     rng = np.random.default_rng(0)
-    t0, n = time.perf_counter(), 0
-    for _ in range(args.epochs):
+
+    seconds = {"ref": 0.0, "ncf": 0.0}
+    samples = {"ref": 0, "ncf": 0}
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        samples["ref"] += reference_epoch(ref_model, ref_opt, ds)
+        seconds["ref"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         users, items, labels = data.draw(cfg.num_neg, rng)
         train_epoch(model, opt, users, items, labels, sc.batch_size)
-        n += len(users)
-    results[f"ncf (vectorised, batch {sc.batch_size})"] = (
-        n / (time.perf_counter() - t0), model)
+        samples["ncf"] += len(users)
+        seconds["ncf"] += time.perf_counter() - t0
+        print(f"  epoch {epoch}: reference {seconds['ref']:.1f} s, ncf {seconds['ncf']:.1f} s (cumulative)")
     torch.set_num_threads(threads_default)
+    results = {
+        "reference (Dataset+DataLoader, batch 256)": (samples["ref"] / seconds["ref"], ref_model),
+        f"ncf (vectorised, batch {sc.batch_size})": (samples["ncf"] / seconds["ncf"], model),
+    }
 
     print(f"{'path':<44}{'samples/s':>12}{'HR@10':>8}{'NDCG@10':>9}{'full HR':>9}{'full NDCG':>10}")
     for name, (rate, m) in results.items():
