@@ -31,6 +31,10 @@ import pyarrow.dataset as ds
 from ncf.errors import NcfError
 
 ROW_GROUP_ROWS = 1 << 20
+# Dictionary-encode only the repetitive columns: every user id repeats k times, items and
+# ranks come from small sets; scores are nearly all distinct, and trying a dictionary on
+# them made writing 3x slower and the file 30% larger (measured on 300k top-50 rows).
+DICTIONARY_COLUMNS = ["user_id", "rank", "item_id"]
 READ_BATCH_ROWS = 1 << 16
 
 ID_SPELLINGS = {
@@ -230,7 +234,8 @@ class TopNWriter:
 
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.tmp, self.schema, compression=self.compression)
+            self._writer = pq.ParquetWriter(self.tmp, self.schema, compression=self.compression,
+                                            use_dictionary=DICTIONARY_COLUMNS)
         except Exception as exc:
             self.tmp.unlink(missing_ok=True)
             raise NcfError(f"cannot write {self.out}: {_one_line(exc)}") from exc

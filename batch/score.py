@@ -28,7 +28,9 @@ output, `.<out name>.parts/`:
   manifest.json   the run's fingerprint (model file size/mtime and vocabulary hash, users
                   and items files' sizes/mtimes, k, include_seen, unknown policy, provider,
                   users per ONNX Runtime call and per scoring block) and the finished parts
-  part-NNNNNN.parquet  the rows of the users-file positions [start, end) of one part,
+  part-NNNNNN.arrow  the rows of the users-file positions [start, end) of one part (Arrow
+                  IPC, uncompressed: written and read back at memory speed, so the rows are
+                  encoded as Parquet once, into the final file),
                   written under a .tmp name, fsync'ed and renamed, then recorded in the
                   manifest (also replaced atomically): a part is complete or not listed
   lock            flock'ed while a run writes, so two runs cannot share one output
@@ -74,7 +76,7 @@ from ncf.errors import NcfError
 from ncf.paths import check_writable_location
 
 UNKNOWN_POLICIES = ("popular", "skip")
-WORK_VERSION = 1
+WORK_VERSION = 2  # 2: parts are Arrow IPC files (1: Parquet)
 PART_ROWS = 1 << 22
 MAX_PAIRS_PER_CALL = 1 << 25  # users per ONNX Runtime call x candidates: the intermediates' size
 BLOCK_PAIRS = 1 << 22  # at least this many pairs per scoring block (the unit of writing and resuming)
@@ -162,14 +164,12 @@ class _WorkDir:
     def intact_parts(self, manifest: dict) -> list[dict]:
         """The manifest's parts that are contiguous from position 0 and readable with the
         recorded row count; anything else in the directory is removed."""
-        import pyarrow.parquet as pq
-
         kept: list[dict] = []
         end = 0
         for part in manifest.get("parts", []):
             f = self.path / str(part.get("file", ""))
             try:
-                ok = part["start"] == end and f.is_file() and pq.read_metadata(f).num_rows == part["rows"]
+                ok = part["start"] == end and f.is_file() and _part_rows(f) == part["rows"]
             except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
                 ok = False
             if not ok:
@@ -209,17 +209,15 @@ class _Parts:
         self.t0 = time.perf_counter()
 
     def _name(self) -> str:
-        return f"part-{self.seq:06d}.parquet"
+        return f"part-{self.seq:06d}.arrow"
 
     def write(self, table: pa.Table, scored: int, short: int) -> None:
-        import pyarrow.parquet as pq
-
         try:
             if self._writer is None:
                 self._fh = open(self.wd.path / (self._name() + ".tmp"), "wb")  # noqa: SIM115
-                self._writer = pq.ParquetWriter(self._fh, self.schema, compression="snappy")
+                self._writer = pa.ipc.new_file(self._fh, self.schema)
             if table.num_rows:
-                self._writer.write_table(table, row_group_size=table.num_rows)
+                self._writer.write_table(table)
         except OSError as exc:
             raise _WriteError(f"cannot write {self.wd.path}: {exc.strerror or exc}; fix that and rerun with --resume") from exc
         self.rows += table.num_rows
@@ -630,21 +628,23 @@ def score_users(
 def _assemble(wd: _WorkDir, manifest: dict, out: Path, schema: pa.Schema) -> int:
     """Stream the finished parts, in order, into `out` (temporary name inside the work
     directory, renamed onto `out` when complete). Returns the number of rows."""
-    import pyarrow.parquet as pq
-
     want = sum(p["rows"] for p in manifest["parts"])
     try:
         with bio.TopNWriter(out, schema, tmp=wd.path / "final.parquet.tmp") as writer:
             for p in manifest["parts"]:
-                pf = pq.ParquetFile(wd.path / p["file"])
-                for batch in pf.iter_batches(batch_size=1 << 16):
-                    writer.write_table(batch)
+                with pa.memory_map(str(wd.path / p["file"])) as source:
+                    writer.write_table(pa.ipc.open_file(source).read_all())
             if writer.rows + writer._buffered != want:
                 raise NcfError(f"work directory {wd.path} is inconsistent; rerun without --resume")
             writer.commit()
     except OSError as exc:
         raise _WriteError(f"cannot write {out}: {exc.strerror or exc}; fix that and rerun with --resume") from exc
     return writer.rows
+
+
+def _part_rows(path: Path) -> int:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).count_rows()
 
 
 def _rows_table(schema: pa.Schema, user_ids: pa.Array, items: np.ndarray, scores: np.ndarray,
