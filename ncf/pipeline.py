@@ -21,7 +21,15 @@ from ncf.evaluation import EvalSet, evaluate, popularity_scorer, torch_scorer
 from ncf.models import GMF, MLP, ModelConfig, NCFModel, NeuMF, build_model, tower_layers
 from ncf.sampling import PositiveSet
 from ncf.split import Split, leave_one_out
-from ncf.train import BatchCallback, EpochCallback, EpochData, StageConfig, StageResult, train_stage
+from ncf.train import (
+    BatchCallback,
+    EpochCallback,
+    EpochData,
+    StageConfig,
+    StageResult,
+    significantly_better,
+    train_stage,
+)
 
 MIN_TRAIN_INTERACTIONS = 10
 
@@ -45,6 +53,10 @@ class FitConfig:
     alpha: float = 0.5
     num_neg: int = 4
     patience: int = 5  # 3 stopped GMF and MLP on a validation plateau (README, quality)
+    # From pre-trained weights (the NeuMF stages) a new best epoch must gain this many
+    # standard errors on validation, and an earlier stage is chosen over a later one only
+    # when it is that much better (train.StageConfig; README, quality).
+    significance: float = 1.0
     k: int = 10
     seed: int = 0
     device: str = "auto"
@@ -70,6 +82,17 @@ class FitReport:
     n_eval_users: int = 0
     n_users_train_only: int = 0
     seconds: float = 0.0
+
+
+def select_stage(results: dict[str, StageResult], k: int, significance: float) -> str:
+    """On validation only, preferring later stages: NeuMF starts from GMF and MLP and its
+    SGD stage from its Adam stage, so a later stage is kept unless the stage chosen so far
+    is significantly better on the same validation users."""
+    chosen = None
+    for name, result in results.items():
+        if chosen is None or not significantly_better(results[chosen].val_ranks, result.val_ranks, k, significance):
+            chosen = name
+    return chosen
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,10 +155,12 @@ def fit(
     report.stages["itempop"] = {"val": evaluate(pop, val, cfg.k, full=False),
                                 "test": evaluate(pop, test, cfg.k)}
 
-    def stage(name: str, model, epochs: int, lr: float, optimizer: str = "adam") -> StageResult:
+    def stage(name: str, model, epochs: int, lr: float, optimizer: str = "adam",
+              pretrained: bool = False) -> StageResult:
         sc = StageConfig(name=name, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
                          optimizer=optimizer, momentum=cfg.momentum, num_neg=cfg.num_neg,
-                         patience=cfg.patience, seed=cfg.seed + len(report.stages))
+                         patience=cfg.patience, significance=cfg.significance if pretrained else 0.0,
+                         seed=cfg.seed + len(report.stages))
         result = train_stage(model.to(device), data, val, sc, on_epoch, on_batch)
         report.stages[name] = {
             "val": result.val,
@@ -163,16 +188,14 @@ def fit(
         gmf = stage("gmf", GMF(config("gmf")), cfg.epochs, lr).model
         mlp = stage("mlp", MLP(config("mlp")), cfg.epochs, lr).model
         neumf = NeuMF.from_pretrained(gmf.cpu(), mlp.cpu(), cfg.alpha)
-        neumf = stage("neumf", neumf, cfg.epochs, neumf_lr).model
+        neumf = stage("neumf", neumf, cfg.epochs, neumf_lr, pretrained=True).model
         if cfg.sgd_epochs > 0:
-            stage("neumf-sgd", copy.deepcopy(neumf), cfg.sgd_epochs, sgd_lr, optimizer="sgd")
+            stage("neumf-sgd", copy.deepcopy(neumf), cfg.sgd_epochs, sgd_lr, optimizer="sgd", pretrained=True)
     else:
         name = cfg.model if cfg.model != "neumf" else "neumf-scratch"
         stage(name, build_model(config(cfg.model)), cfg.epochs, lr)
 
-    # choose on validation only; later stages win ties (they start from earlier ones)
-    report.selected = max(results, key=lambda n: (results[n].val["hr@10"], results[n].val["ndcg@10"],
-                                                  list(results).index(n)))
+    report.selected = select_stage(results, cfg.k, cfg.significance)
     report.seconds = time.perf_counter() - started
     if out_dir is not None:
         save_model_dir(
