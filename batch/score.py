@@ -633,7 +633,9 @@ def _assemble(wd: _WorkDir, manifest: dict, out: Path, schema: pa.Schema) -> int
         with bio.TopNWriter(out, schema, tmp=wd.path / "final.parquet.tmp") as writer:
             for p in manifest["parts"]:
                 with pa.memory_map(str(wd.path / p["file"])) as source:
-                    writer.write_table(pa.ipc.open_file(source).read_all())
+                    reader = pa.ipc.open_file(source)
+                    for i in range(reader.num_record_batches):  # one scoring block each
+                        writer.write_table(reader.get_batch(i))
             if writer.rows + writer._buffered != want:
                 raise NcfError(f"work directory {wd.path} is inconsistent; rerun without --resume")
             writer.commit()
