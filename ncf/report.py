@@ -16,6 +16,8 @@ from ncf.errors import NcfError
 
 console = Console(stderr=True)
 out_console = Console()
+if not out_console.is_terminal and out_console.width < 100:
+    out_console = Console(width=100)  # logs and pipes: room for the metrics table's 8 columns
 
 
 class FitProgress:
