@@ -27,6 +27,8 @@ CONFIGS = {
     "mlp": {"factors": 4, "layers": (16, 8, 4)},
     "neumf": {"factors": 8, "layers": (64, 32, 16, 8)},
     "fused": {"factors": 6, "activation": "tanh"},
+    # the grid graph's tower without the ReLU max trick
+    "neumf-sigmoid": {"kind": "neumf", "factors": 4, "layers": (16, 8, 4), "activation": "sigmoid"},
 }
 
 
@@ -44,7 +46,8 @@ class Case:
 
 def random_model(kind: str, n_users: int, n_items: int, seed: int = 0, dup_items: bool = False, **cfg):
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(kind, n_users, n_items, **{**CONFIGS[kind], **cfg})).eval()
+    cfg = {**CONFIGS[kind], **cfg}
+    model = build_model(ModelConfig(cfg.pop("kind", kind), n_users, n_items, **cfg)).eval()
     with torch.no_grad():  # spread the logits like a trained model (the init gives ~0)
         for name, p in model.named_parameters():
             if "emb" in name or name.startswith(("user_", "item_")):

@@ -10,7 +10,10 @@ Baseline: the per-pair ONNX graph (model.pair.onnx) fed every (user, item) pair 
 users, seen items set to -inf, top-k by numpy argpartition + sort. Ours: `GridScorer.topk`
 (the grid graph) and the whole `score_users` run (Parquet in, Parquet out). Both exclude the
 seen items. The slow baseline and the large grid run on samples of users (sizes printed).
-Each rate is the best of 2 passes; numbers vary with machine load: compare only within one run.
+This shared VM's speed drifts by tens of percent within seconds, so the paths take turns:
+each round runs the baseline, then GridScorer.topk, then the whole `ncf score` path, and the
+ratio of a round compares passes made seconds apart. Printed: the median rate of each path and
+the median of the per-round ratios (the lowest and highest round in brackets).
 """
 
 from __future__ import annotations
@@ -83,76 +86,76 @@ def make_model(tmp: Path, name: str, n_users: int, n_items: int, seen_per_user: 
     return tmp / f"{name}.onnx", tmp / f"{name}.pair.onnx"
 
 
-def baseline(pair_path: Path, users: np.ndarray, n_items: int, indptr, seen, chunk: int = 16, reps: int = 2):
-    """Best of `reps` passes (the machine may be shared: the best pass is the least disturbed)."""
+def baseline_session(pair_path: Path):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(pair_path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(pair_path), so, providers=["CPUExecutionProvider"])
+
+
+def baseline(sess, users: np.ndarray, n_items: int, indptr, seen, chunk: int = 16):
+    """One pass: (pairs/s, top-k item indices)."""
     items = np.arange(n_items, dtype=np.int64)
     out = np.empty((len(users), K), np.int64)
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        for lo in range(0, len(users), chunk):
-            u = users[lo:lo + chunk]
-            (score,) = sess.run(["score"], {"user": np.repeat(u, n_items), "item": np.tile(items, len(u))})
-            score = score.reshape(len(u), n_items)
-            for r, uu in enumerate(u):
-                score[r, seen[indptr[uu]:indptr[uu + 1]]] = -np.inf
-            part = np.argpartition(-score, K, axis=1)[:, :K]
-            top = np.take_along_axis(score, part, 1)
-            out[lo:lo + chunk] = np.take_along_axis(part, np.argsort(-top, axis=1, kind="stable"), 1)
-        best = max(best, len(users) * n_items / (time.perf_counter() - t))
-    return best, out
+    t = time.perf_counter()
+    for lo in range(0, len(users), chunk):
+        u = users[lo:lo + chunk]
+        (score,) = sess.run(["score"], {"user": np.repeat(u, n_items), "item": np.tile(items, len(u))})
+        score = score.reshape(len(u), n_items)
+        for r, uu in enumerate(u):
+            score[r, seen[indptr[uu]:indptr[uu + 1]]] = -np.inf
+        part = np.argpartition(-score, K, axis=1)[:, :K]
+        top = np.take_along_axis(score, part, 1)
+        out[lo:lo + chunk] = np.take_along_axis(part, np.argsort(-top, axis=1, kind="stable"), 1)
+    return len(users) * n_items / (time.perf_counter() - t), out
 
 
-def ours_topk(model_path: Path, users: np.ndarray, reps: int = 2, chunk_users=None, threads=None):
-    from batch.scorer import GridScorer
-
-    with GridScorer(model_path, device="cpu", chunk_users=chunk_users, threads=threads) as sc:
-        sc.topk(users[: 4 * sc.chunk_users * sc.threads], K)  # warm-up
-        best = 0.0
-        for _ in range(reps):
-            t = time.perf_counter()
-            res = sc.topk(users, K)
-            best = max(best, len(users) * sc.n_candidates / (time.perf_counter() - t))
-        return best, res, sc.chunk_users, sc.threads
+def ours_topk(sc, users: np.ndarray):
+    """One pass of GridScorer.topk: (pairs/s, result)."""
+    t = time.perf_counter()
+    res = sc.topk(users, K)
+    return len(users) * sc.n_candidates / (time.perf_counter() - t), res
 
 
-def ours_score(model_path: Path, tmp: Path, raw_users: np.ndarray, name: str, reps: int = 2):
+def ours_score(model_path: Path, users_path: Path, out: Path):
     """The whole `ncf score` run; rate over its scoring phase (read, score, write Parquet),
     loading time printed separately."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from batch.score import score_users
 
-    up = tmp / f"{name}-users.parquet"
-    pq.write_table(pa.table({"user_id": raw_users}), up)
-    runs = [score_users(model_path, up, tmp / f"{name}-topn.parquet", k=K, device="cpu", progress=False) for _ in range(reps)]
-    best = max(runs, key=lambda s: s["pairs_per_s"])
-    return best["pairs_per_s"], best
+    s = score_users(model_path, users_path, out, k=K, device="cpu", progress=False)
+    return s["pairs_per_s"], s
 
 
 def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, gflops, fpp, rng,
-         score_all: bool = False):
+         rounds: int, score_all: bool = False):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from batch.scorer import GridScorer
 
     print(f"\n== {name}: {n_users:,} users x {n_items:,} items, {seen_per_user} seen/user", flush=True)
     grid_path, pair_path = make_model(tmp, name, n_users, n_items, seen_per_user)
-    sc = GridScorer(grid_path, device="cpu")
-    indptr, seen = sc.meta.seen_indptr, sc.meta.seen_items
-    sc.close()
     base_users = np.sort(rng.choice(n_users, min(base_sample, n_users), replace=False)).astype(np.int64)
     ours_users = np.sort(rng.choice(n_users, min(ours_sample, n_users), replace=False)).astype(np.int64)
-    b_rate, b_top = baseline(pair_path, base_users, n_items, indptr, seen)
-    o_rate, o_res, chunk, threads = ours_topk(grid_path, ours_users)
-    if score_all:  # the whole users file through `ncf score`, once
-        s_rate, s_sum = ours_score(grid_path, tmp, np.arange(n_users, dtype=np.int64) * 3 + 1, name, reps=1)
-    else:
-        s_rate, s_sum = ours_score(grid_path, tmp, ours_users * 3 + 1, name)
+    score_users_idx = np.arange(n_users, dtype=np.int64) if score_all else ours_users
+    users_path = tmp / f"{name}-users.parquet"  # raw ids: index * 3 + 1 (make_model's vocabulary)
+    pq.write_table(pa.table({"user_id": score_users_idx * 3 + 1}), users_path)
+    sess = baseline_session(pair_path)
+    rates: dict[str, list[float]] = {"baseline": [], "topk": [], "score": []}
+    with GridScorer(grid_path, device="cpu") as sc:
+        indptr, seen = sc.meta.seen_indptr, sc.meta.seen_items
+        chunk, threads = sc.chunk_users, sc.threads
+        baseline(sess, base_users[:32], n_items, indptr, seen)  # warm-up both
+        sc.topk(ours_users[: 4 * chunk * threads], K)
+        for r in range(rounds):
+            b_rate, b_top = baseline(sess, base_users, n_items, indptr, seen)
+            o_rate, o_res = ours_topk(sc, ours_users)
+            s_rate, s_sum = ours_score(grid_path, users_path, tmp / f"{name}-topn.parquet")
+            for key, v in (("baseline", b_rate), ("topk", o_rate), ("score", s_rate)):
+                rates[key].append(v)
+            print(f"  round {r + 1}: baseline {b_rate / 1e6:6.2f} M  topk {o_rate / 1e6:6.2f} M  "
+                  f"score_users {s_rate / 1e6:6.2f} M pairs/s  ratio {s_rate / b_rate:4.1f}x", flush=True)
     # agreement on the users both paths scored (items may differ only at exact ties)
     common = np.intersect1d(base_users, ours_users)
     agree = np.nan
@@ -160,15 +163,24 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
         bi = b_top[np.searchsorted(base_users, common)]
         oi = o_res.items[np.searchsorted(ours_users, common)]
         agree = float((bi == oi).mean())
-    print(f"  baseline  per-pair graph + numpy top-k  users={len(base_users):>7,}  {b_rate / 1e6:7.2f} M pairs/s  "
-          f"{b_rate * fpp / 1e9 / gflops:6.1%} of FLOP limit")
-    print(f"  ours      GridScorer.topk (B={chunk}, {threads} threads)  users={len(ours_users):>7,}  {o_rate / 1e6:7.2f} M pairs/s  "
-          f"{o_rate * fpp / 1e9 / gflops:6.1%} of FLOP limit   ratio {o_rate / b_rate:5.1f}x")
-    print(f"  ours      score_users (Parquet in/out)     users={s_sum['users_scored']:>7,}  {s_rate / 1e6:7.2f} M pairs/s  "
-          f"{s_rate * fpp / 1e9 / gflops:6.1%} of FLOP limit   ratio {s_rate / b_rate:5.1f}x   "
-          f"(+{s_sum['seconds'] - s_sum['scoring_seconds']:.1f}s loading the model)")
+    med = {key: float(np.median(v)) for key, v in rates.items()}
+    ratios = {key: np.array(rates[key]) / np.array(rates["baseline"]) for key in ("topk", "score")}
+
+    def ratio_text(key):
+        r = ratios[key]
+        return f"ratio {np.median(r):4.1f}x [{r.min():.1f}-{r.max():.1f}]"
+
+    def share(rate):
+        return f"{rate * fpp / 1e9 / gflops:6.1%} of FLOP limit"
+
+    print(f"  baseline  per-pair graph + numpy top-k          users={len(base_users):>7,}  {med['baseline'] / 1e6:7.2f} M pairs/s  "
+          f"{share(med['baseline'])}")
+    print(f"  ours      GridScorer.topk (B={chunk}, {threads} threads)   users={len(ours_users):>7,}  {med['topk'] / 1e6:7.2f} M pairs/s  "
+          f"{share(med['topk'])}   {ratio_text('topk')}")
+    print(f"  ours      score_users (Parquet in/out)         users={s_sum['users_scored']:>7,}  {med['score'] / 1e6:7.2f} M pairs/s  "
+          f"{share(med['score'])}   {ratio_text('score')}   (+{s_sum['seconds'] - s_sum['scoring_seconds']:.1f}s loading the model)")
     print(f"  top-{K} agreement with the baseline on {len(common)} common users: {agree:.4f}")
-    return {"baseline": b_rate, "topk": o_rate, "score": s_rate}
+    return {**med, "ratio": float(np.median(ratios["score"])), "ratio_topk": float(np.median(ratios["topk"]))}
 
 
 def main(argv=None) -> int:
@@ -187,18 +199,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ncf-bench-") as d:
         tmp = Path(d)
         if args.quick:
-            results["ml1m"] = grid("ML-1M-sized", tmp, 6040, 3706, 160, 400, 2000, gflops, fpp, rng)
-            results["large"] = grid("large", tmp, 100_000, 20_000, 50, 100, 1000, gflops, fpp, rng)
+            results["ml1m"] = grid("ML-1M-sized", tmp, 6040, 3706, 160, 400, 2000, gflops, fpp, rng, rounds=2)
+            results["large"] = grid("large", tmp, 100_000, 20_000, 50, 100, 1000, gflops, fpp, rng, rounds=2)
         else:
-            results["ml1m"] = grid("ML-1M-sized", tmp, 6040, 3706, 160, 2000, 6040, gflops, fpp, rng)
-            results["large"] = grid("large", tmp, 100_000, 20_000, 50, 500, 10_000, gflops, fpp, rng,
-                                    score_all=True)
+            results["ml1m"] = grid("ML-1M-sized", tmp, 6040, 3706, 160, 1000, 6040, gflops, fpp, rng, rounds=5)
+            results["large"] = grid("large", tmp, 100_000, 20_000, 50, 200, 10_000, gflops, fpp, rng, rounds=3)
     print("\nsummary (pairs/s; ratio = ours / baseline):")
     for name, r in results.items():
-        ratio = r["score"] / r["baseline"]  # the whole ncf score path vs the baseline
         print(f"  {name:6s} baseline {r['baseline'] / 1e6:6.2f} M  topk {r['topk'] / 1e6:6.2f} M  "
-              f"score_users {r['score'] / 1e6:6.2f} M  ratio {ratio:5.1f}x  "
-              f"(target >= 5x; timings on a shared machine vary: compare within one run)")
+              f"score_users {r['score'] / 1e6:6.2f} M  ratio {r['ratio']:4.1f}x (topk {r['ratio_topk']:.1f}x)  "
+              f"(median of rounds; target >= 5x)")
     return 0
 
 
