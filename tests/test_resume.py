@@ -56,20 +56,20 @@ class _Stop(KeyboardInterrupt):
 
 
 def interrupt_after(monkeypatch, blocks: int):
-    """Small scoring blocks (chunk x threads x 8 users), and the block after the n-th
-    raises KeyboardInterrupt (as Ctrl-C would)."""
+    """Small scoring blocks (chunk x threads x 8 users); starting block n + 2 raises
+    KeyboardInterrupt (as Ctrl-C would): n blocks are written, block n + 1 is lost in flight."""
     monkeypatch.setattr(bscore, "BLOCK_PAIRS", 1)
-    real = bscore.GridScorer.topk
+    real = bscore.GridScorer.topk_start
     calls = {"n": 0}
 
-    def topk(self, *a, **kw):
+    def topk_start(self, *a, **kw):
         calls["n"] += 1
-        if calls["n"] > blocks:
+        if calls["n"] > blocks + 1:
             raise _Stop
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(bscore.GridScorer, "topk", topk)
-    return lambda: monkeypatch.setattr(bscore.GridScorer, "topk", real)
+    monkeypatch.setattr(bscore.GridScorer, "topk_start", topk_start)
+    return lambda: monkeypatch.setattr(bscore.GridScorer, "topk_start", real)
 
 
 @pytest.mark.parametrize("unknown", ["popular", "skip"])

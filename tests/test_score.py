@@ -10,7 +10,7 @@ import pytest
 
 from batch import io as bio
 from batch.score import score_users
-from batch.scorer import GridScorer
+from batch.scorer import GridScorer, VocabLookup
 from ncf.errors import NcfError
 from tests.onnx_helpers import brute_force_topk, case
 
@@ -189,6 +189,20 @@ def test_scorer_from_bytes_equals_from_path(int_case):
     np.testing.assert_array_equal(a.items, b.items)
     with pytest.raises(NcfError, match=r"user indices must lie in \[0, 40\)"):
         GridScorer.from_path(c.grid, device="cpu").topk(np.array([40]), 3)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "ids", "want"),
+    [
+        (pa.array([40, 7, 19, 3], pa.int64()), pa.array([7, 5, 3, None, 40, 41, 19, 7], pa.int64()), [1, -1, 3, -1, 0, -1, 2, 1]),
+        (pa.array([2**63 + 5, 1], pa.uint64()), pa.array([1, 2**63 + 5, 5], pa.uint64()), [1, 0, -1]),
+        (pa.array(["b", "a", "ä"]), pa.array(["a", None, "ä", "c", "b"]), [1, -1, 2, -1, 0]),
+        (pa.array([], pa.int64()), pa.array([1, 2], pa.int64()), [-1, -1]),
+        (pa.array([5], pa.int32()), pa.array([], pa.int32()), []),
+    ],
+)
+def test_vocab_lookup_positions_and_unknowns(vocab, ids, want):
+    assert VocabLookup(vocab)(ids).tolist() == want
 
 
 def test_writer_streams_fixed_size_row_groups(tmp_path):
