@@ -68,3 +68,23 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert md.item_ids[3] == "i3" and md.seen_items.tolist() == [3, 4]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
     assert torch.equal(model_from_state(model_state(neumf)).h.weight, neumf.h.weight)
+
+
+def test_row_lookup_gradient_equals_embedding_gradient():
+    """_rows (index_select forward, one index_add_ backward) against nn.Embedding, with
+    repeated indices and the strided gradient that torch.cat's backward produces."""
+    from ncf.models import _rows
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(7, 4)
+    ref = torch.nn.Embedding(7, 4)
+    ref.load_state_dict(emb.state_dict())
+    idx = torch.tensor([[3, 1, 3], [6, 3, 0]])
+    other = torch.randn(2, 3, 2, requires_grad=True)
+    up = torch.randn(2, 3, 6)
+    out = torch.cat([_rows(emb, idx), other], dim=-1)
+    (out * up).sum().backward()
+    (torch.cat([ref(idx), other.detach()], dim=-1) * up).sum().backward()
+    assert torch.equal(_rows(emb, idx), ref(idx))
+    torch.testing.assert_close(emb.weight.grad, ref.weight.grad, rtol=0, atol=1e-6)
+    assert emb.weight.grad[[2, 4, 5]].abs().sum() == 0 and emb.weight.grad[3].abs().sum() > 0
