@@ -16,6 +16,7 @@ Usage: python tests/benchmarks/bench_train.py [--data PATH] [--epochs N] [--quic
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -78,7 +79,7 @@ class ReferenceNeuMF(nn.Module):
         self.user_gmf, self.item_gmf = nn.Embedding(n_users, factors), nn.Embedding(n_items, factors)
         self.user_mlp, self.item_mlp = nn.Embedding(n_users, layers[0] // 2), nn.Embedding(n_items, layers[0] // 2)
         tower = []
-        for a, b in zip(layers[:-1], layers[1:]):
+        for a, b in itertools.pairwise(layers):
             tower += [nn.Linear(a, b), nn.ReLU()]
         self.tower = nn.Sequential(*tower)
         self.h = nn.Linear(factors + layers[-1], 1)
