@@ -652,7 +652,7 @@ def _assemble(wd: _WorkDir, manifest: dict, out: Path, schema: pa.Schema) -> int
     try:
         with bio.TopNWriter(out, schema, tmp=wd.path / "final.parquet.tmp") as writer:
             for p in manifest["parts"]:
-                with pa.memory_map(str(wd.path / p["file"])) as source:
+                with pa.OSFile(str(wd.path / p["file"])) as source:
                     reader = pa.ipc.open_file(source)
                     for i in range(reader.num_record_batches):  # one scoring block each
                         writer.write_table(reader.get_batch(i))
