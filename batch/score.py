@@ -68,13 +68,15 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from batch import io as bio
-from batch.scorer import GridScorer
+from batch.scorer import GridScorer, TopK
 from ncf.errors import NcfError
 from ncf.paths import check_writable_location
 
@@ -501,23 +503,23 @@ def score_users(
             task = bar.add_task("score", total=total, users_s=0.0, pairs_s=0.0) if bar else None
             t1 = time.perf_counter()  # setup (model, vocabularies, checks) ends here
 
-            def start(ids: pa.Array, idx: np.ndarray, first: int):
+            def start(ids: pa.Array, idx: np.ndarray, first: int) -> _Block:
                 """Start scoring one block of kept rows (the worker threads run it while this
                 thread writes the previous block and reads on); `first`: its first position."""
                 known = idx >= 0
                 result = scorer.topk_start(idx[known], k, exclude_seen=not include_seen) if known.any() else None
-                return ids, idx, known, result, first
+                return _Block(ids, idx, known, result, first)
 
-            def finish(block) -> None:
+            def finish(block: _Block) -> None:
                 """Wait for a started block and write its output rows to the current part."""
-                ids, idx, known, result, _ = block
+                ids, idx, known = block.ids, block.idx, block.known
                 n = len(idx)
                 items = np.full((n, k), -1, np.int64)
                 scores = np.full((n, k), np.nan, np.float32)
                 n_known = int(known.sum())
                 short = 0
                 if n_known:
-                    res = result()
+                    res = block.result()
                     items[known], scores[known] = res.items, res.scores
                     short = int((res.counts < k).sum())
                 if n_known < n:
@@ -562,7 +564,7 @@ def score_users(
                                 if in_flight is not None:
                                     finish(in_flight)
                                 in_flight = block
-                                covered = block[-1]  # everything before the block in flight is written
+                                covered = block.first  # everything before the block in flight is written
                                 if parts.due(part_seconds):
                                     parts.cut(covered)
                                 if bar:
@@ -643,6 +645,18 @@ def score_users(
         f"({summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s){note}"
     )
     return summary
+
+
+@dataclass
+class _Block:
+    """A scoring block in flight: its rows' raw ids and user indices (-1: unknown), which
+    are known, the pending top-k of the known ones, and its first users-file position."""
+
+    ids: pa.Array
+    idx: np.ndarray
+    known: np.ndarray
+    result: Callable[[], TopK] | None
+    first: int
 
 
 def _assemble(wd: _WorkDir, manifest: dict, out: Path, schema: pa.Schema) -> int:

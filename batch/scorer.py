@@ -189,13 +189,11 @@ class VocabLookup:
         out = np.full(len(ids), -1, np.int64)
         if len(self.keys) == 0:
             return out
-        valid = ~np.asarray(ids.is_null().to_numpy(zero_copy_only=False), bool) if ids.null_count else None
-        q = ids.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) if ids.null_count else \
-            ids.to_numpy(zero_copy_only=False).astype(np.int64)
+        q = (ids.fill_null(0) if ids.null_count else ids).to_numpy(zero_copy_only=False).astype(np.int64)
         at = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
         hit = self.keys[at] == q
-        if valid is not None:
-            hit &= valid
+        if ids.null_count:
+            hit &= ids.is_valid().to_numpy(zero_copy_only=False)
         out[hit] = self.order[at[hit]]
         return out
 
