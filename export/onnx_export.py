@@ -134,8 +134,12 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
 def _w(m: torch.nn.Module) -> np.ndarray:
-    return m.weight.detach().cpu().double().numpy()
+    return _np(m.weight)
 
 
 def _b(m: torch.nn.Module) -> np.ndarray:
@@ -159,8 +163,8 @@ def grid_tables(model: NCFModel) -> dict:
         half = cfg.layers[0] // 2
         lin = list(model.tower.linears)
         w1, b1 = _w(lin[0]), _b(lin[0])
-        t["U1"] = _w(model.user_mlp) @ w1[:, :half].T + b1
-        t["I1"] = _w(model.item_mlp) @ w1[:, half:].T
+        t["U1"] = _np(model.mlp_embedding.users) @ w1[:, :half].T + b1
+        t["I1"] = _np(model.mlp_embedding.items) @ w1[:, half:].T
         t["tower"] = [(_w(m), _b(m)) for m in lin[1:]]
         t["hM"] = h[-cfg.layers[-1]:]
     if kind == "fused":

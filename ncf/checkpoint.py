@@ -29,7 +29,8 @@ from ncf.errors import NcfError
 from ncf.models import ModelConfig, NCFModel, build_model
 from ncf.paths import check_writable_location
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the MLP's user and item embeddings were two tables
 REQUIRED_FILES = ("config.json", "weights.pt", "users.parquet", "items.parquet", "interactions.parquet")
 
 
@@ -55,8 +56,17 @@ def model_state(model: NCFModel) -> dict:
 
 def model_from_state(state: dict) -> NCFModel:
     model = build_model(ModelConfig(**state["config"]))
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(_upgrade_v1(state["state_dict"]))
     return model.eval()
+
+
+def _upgrade_v1(state_dict: dict) -> dict:
+    """Format 1 kept the MLP embeddings as user_mlp and item_mlp; format 2 stacks them."""
+    if "user_mlp.weight" not in state_dict:
+        return state_dict
+    sd = dict(state_dict)
+    sd["mlp_embedding.weight"] = torch.cat([sd.pop("user_mlp.weight"), sd.pop("item_mlp.weight")])
+    return sd
 
 
 def save_model_dir(
@@ -136,7 +146,7 @@ def load_model_dir(path: Path) -> ModelDir:
     if not isinstance(config, dict):
         raise NcfError(f"{path}/config.json is not an ncf model config; retrain the model")
     version = state.get("format_version") if isinstance(state, dict) else None
-    if version != FORMAT_VERSION or config.get("format_version") != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or config.get("format_version") != version:
         raise NcfError(
             f"{path} was written by another ncf version (format {version}, expected {FORMAT_VERSION}); retrain it"
         )

@@ -55,6 +55,32 @@ def _rows(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     return emb.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, emb.embedding_dim)
 
 
+class PairEmbedding(nn.Module):
+    """User and item embeddings of one width in one table, users first, so that one
+    index_select brings each (user, item) pair out side by side, [p_u; q_i], already in the
+    layout the MLP tower takes. Against two tables and torch.cat this saves a copy, a
+    lookup and, in the backward, two index_add_ calls over strided gradient slices (3-4x
+    slower than over contiguous rows): about 10% of a training step (README)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int):
+        super().__init__()
+        self.n_users, self.dim = n_users, dim
+        self.weight = nn.Parameter(torch.empty(n_users + n_items, dim))
+        nn.init.normal_(self.weight, std=0.01)  # the paper's N(0, 0.01) initialisation
+
+    @property
+    def users(self) -> torch.Tensor:
+        return self.weight[: self.n_users]
+
+    @property
+    def items(self) -> torch.Tensor:
+        return self.weight[self.n_users :]
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        rows = torch.stack([users, items + self.n_users], dim=-1).reshape(-1)
+        return self.weight.index_select(0, rows).view(*users.shape, 2 * self.dim)
+
+
 def _output_layer(width: int) -> nn.Linear:
     h = nn.Linear(width, 1)
     nn.init.kaiming_uniform_(h.weight, a=1, nonlinearity="sigmoid")
@@ -113,14 +139,12 @@ class MLP(NCFModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        half = cfg.layers[0] // 2
-        self.user_mlp = _embedding(cfg.n_users, half)
-        self.item_mlp = _embedding(cfg.n_items, half)
+        self.mlp_embedding = PairEmbedding(cfg.n_users, cfg.n_items, cfg.layers[0] // 2)
         self.tower = MLPTower(cfg.layers, cfg.activation)
         self.h = _output_layer(cfg.layers[-1])
 
     def hidden(self, users, items):
-        return self.tower(torch.cat([_rows(self.user_mlp, users), _rows(self.item_mlp, items)], dim=-1))
+        return self.tower(self.mlp_embedding(users, items))
 
 
 class NeuMF(NCFModel):
@@ -130,17 +154,15 @@ class NeuMF(NCFModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        half = cfg.layers[0] // 2
         self.user_gmf = _embedding(cfg.n_users, cfg.factors)
         self.item_gmf = _embedding(cfg.n_items, cfg.factors)
-        self.user_mlp = _embedding(cfg.n_users, half)
-        self.item_mlp = _embedding(cfg.n_items, half)
+        self.mlp_embedding = PairEmbedding(cfg.n_users, cfg.n_items, cfg.layers[0] // 2)
         self.tower = MLPTower(cfg.layers, cfg.activation)
         self.h = _output_layer(cfg.factors + cfg.layers[-1])
 
     def hidden(self, users, items):
         gmf = _rows(self.user_gmf, users) * _rows(self.item_gmf, items)
-        mlp = self.tower(torch.cat([_rows(self.user_mlp, users), _rows(self.item_mlp, items)], dim=-1))
+        mlp = self.tower(self.mlp_embedding(users, items))
         return torch.cat([gmf, mlp], dim=-1)
 
     @classmethod
@@ -154,8 +176,7 @@ class NeuMF(NCFModel):
         model = cls(cfg)
         model.user_gmf.weight.copy_(gmf.user_gmf.weight)
         model.item_gmf.weight.copy_(gmf.item_gmf.weight)
-        model.user_mlp.weight.copy_(mlp.user_mlp.weight)
-        model.item_mlp.weight.copy_(mlp.item_mlp.weight)
+        model.mlp_embedding.weight.copy_(mlp.mlp_embedding.weight)
         model.tower.load_state_dict(mlp.tower.state_dict())
         model.h.weight.copy_(torch.cat([alpha * gmf.h.weight, (1 - alpha) * mlp.h.weight], dim=1))
         model.h.bias.copy_(alpha * gmf.h.bias + (1 - alpha) * mlp.h.bias)

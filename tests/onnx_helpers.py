@@ -24,7 +24,7 @@ atexit.register(shutil.rmtree, _ROOT, True)
 
 CONFIGS = {
     "gmf": {"factors": 8},
-    "mlp": {"factors": 4, "layers": (16, 8, 4)},
+    "mlp": {"factors": 8, "layers": (32, 16, 8)},
     "neumf": {"factors": 8, "layers": (64, 32, 16, 8)},
     "fused": {"factors": 6, "activation": "tanh"},
     # the grid graph's tower without the ReLU max trick
@@ -56,9 +56,11 @@ def random_model(kind: str, n_users: int, n_items: int, seed: int = 0, dup_items
                 p.normal_(0, 0.1)
         if dup_items:  # item j and item j + n/2 identical: every score appears twice
             half = n_items // 2
-            for name, p in model.named_parameters():
-                if name.startswith("item_"):
-                    p[half:2 * half] = p[:half]
+            tables = [p for name, p in model.named_parameters() if name.startswith("item_")]
+            if hasattr(model, "mlp_embedding"):
+                tables.append(model.mlp_embedding.items)
+            for p in tables:
+                p[half:2 * half] = p[:half]
     return model
 
 

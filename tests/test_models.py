@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -22,7 +24,7 @@ def test_tower_halves():
     assert tower_layers(16, 2) == (64, 32, 16)
     mlp = MLP(ModelConfig("mlp", 3, 3, layers=tower_layers(8)))
     assert [(lin.in_features, lin.out_features) for lin in mlp.tower.linears] == [(64, 32), (32, 16), (16, 8)]
-    assert mlp.user_mlp.embedding_dim == 32
+    assert mlp.mlp_embedding.users.shape == (3, 32)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
@@ -31,8 +33,7 @@ def test_neumf_from_pretrained_copies_exactly(alpha):
     neumf = NeuMF.from_pretrained(gmf, mlp, alpha)
     assert torch.equal(neumf.user_gmf.weight, gmf.user_gmf.weight)
     assert torch.equal(neumf.item_gmf.weight, gmf.item_gmf.weight)
-    assert torch.equal(neumf.user_mlp.weight, mlp.user_mlp.weight)
-    assert torch.equal(neumf.item_mlp.weight, mlp.item_mlp.weight)
+    assert torch.equal(neumf.mlp_embedding.weight, mlp.mlp_embedding.weight)
     for a, b in zip(neumf.tower.linears, mlp.tower.linears):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     h = torch.cat([alpha * gmf.h.weight, (1 - alpha) * mlp.h.weight], dim=1)
@@ -88,3 +89,42 @@ def test_row_lookup_gradient_equals_embedding_gradient():
     assert torch.equal(_rows(emb, idx), ref(idx))
     torch.testing.assert_close(emb.weight.grad, ref.weight.grad, rtol=0, atol=1e-6)
     assert emb.weight.grad[[2, 4, 5]].abs().sum() == 0 and emb.weight.grad[3].abs().sum() > 0
+
+
+def test_pair_embedding_equals_two_tables_and_cat():
+    """One stacked table read once per pair: the same rows and the same gradients as a
+    user table and an item table joined by torch.cat (repeated users and items included)."""
+    from ncf.models import PairEmbedding
+
+    torch.manual_seed(0)
+    pair = PairEmbedding(5, 7, 3)
+    users_ref = torch.nn.Embedding(5, 3, _weight=pair.users.detach().clone())
+    items_ref = torch.nn.Embedding(7, 3, _weight=pair.items.detach().clone())
+    u = torch.tensor([[4, 1, 4], [0, 4, 2]])
+    i = torch.tensor([[6, 6, 0], [3, 5, 6]])
+    up = torch.randn(2, 3, 6)
+    ref = torch.cat([users_ref(u), items_ref(i)], dim=-1)
+    assert torch.equal(pair(u, i), ref)
+    (pair(u, i) * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(pair.weight.grad, torch.cat([users_ref.weight.grad, items_ref.weight.grad]),
+                               rtol=0, atol=1e-6)
+    assert pair.weight.grad[3].abs().sum() == 0 and pair.weight.grad[5 + 6].abs().sum() > 0
+
+
+def test_format_1_checkpoint_still_loads(tmp_path):
+    """Format 1 stored the MLP embeddings as two tables; they load into the stacked one."""
+    gmf, mlp = _pretrained(2)
+    neumf = NeuMF.from_pretrained(gmf, mlp)
+    save_model_dir(tmp_path / "m", neumf, user_ids=pl.Series(list(range(13))), item_ids=pl.Series(list(range(17))),
+                   seen_users=np.array([0]), seen_items=np.array([3]))
+    raw = torch.load(tmp_path / "m" / "weights.pt", map_location="cpu", weights_only=True)
+    sd = dict(raw["state_dict"])
+    stacked = sd.pop("mlp_embedding.weight")
+    sd["user_mlp.weight"], sd["item_mlp.weight"] = stacked[:13].clone(), stacked[13:].clone()
+    torch.save({**raw, "format_version": 1, "state_dict": sd}, tmp_path / "m" / "weights.pt")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    loaded = load_model_dir(tmp_path / "m").model
+    for (k, a), (_, b) in zip(neumf.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k

@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 
 from ncf.sampling import PositiveSet, evaluation_negatives, training_negatives
@@ -57,3 +59,26 @@ def test_epoch_data_rows_labels_and_fresh_negatives():
     u2, i2, y2 = (t.numpy() for t in data.draw(4, rng))
     assert not pos.contains(u2[y2 == 0], i2[y2 == 0]).any()
     assert not np.array_equal(u, u2)  # reshuffled and redrawn
+
+
+def test_prefetched_epochs_equal_sequential_draws():
+    """EpochData.epochs draws epoch e + 1 in a background thread while e trains: the same
+    data as drawing one epoch after the other, and epoch e's tensors stay intact meanwhile."""
+    import torch
+
+    from ncf.train import EpochData
+
+    users, items = _data(np.random.default_rng(5))
+    sequential = EpochData(users, items, 40, torch.device("cpu"))
+    rng = np.random.default_rng(7)
+    expected = [[t.clone() for t in sequential.draw(4, rng)] for _ in range(3)]
+
+    prefetched = EpochData(users, items, 40, torch.device("cpu"))
+    seen = 0
+    for epoch, tensors in enumerate(prefetched.epochs(4, np.random.default_rng(7), 3)):
+        time.sleep(0.2)  # "training": the next epoch's draw completes meanwhile
+        for got, want in zip(tensors, expected[epoch], strict=True):
+            assert torch.equal(got, want)  # the same data, untouched by the next draw
+        seen += 1
+    assert seen == 3
+    assert not torch.equal(expected[0][1], expected[1][1])

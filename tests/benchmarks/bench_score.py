@@ -66,7 +66,7 @@ def make_model(tmp: Path, name: str, n_users: int, n_items: int, seen_per_user: 
     torch.manual_seed(seed)
     model = build_model(ModelConfig("neumf", n_users, n_items, factors=8, layers=(64, 32, 16, 8)))
     with torch.no_grad():  # trained-like spread of scores instead of the N(0, 0.01) init
-        for emb in (model.user_gmf, model.item_gmf, model.user_mlp, model.item_mlp):
+        for emb in (model.user_gmf, model.item_gmf, model.mlp_embedding):
             emb.weight.normal_(0, 0.5)
     rng = np.random.default_rng(seed)
     su = np.repeat(np.arange(n_users, dtype=np.int32), seen_per_user)
