@@ -64,6 +64,7 @@ class FitConfig:
     # a second intra-op thread gained nothing idle but lost 30x when the other core was busy
     # (tests/benchmarks/bench_train.py, step ablation).
     threads: int = 1
+    warmup: bool = True  # first epoch of each stage: lr from lr / 8 up to lr (ncf.train.train_epoch)
 
 
 def scaled_lr(batch_size: int, base: float = 1e-3, base_batch: int = 256) -> float:
@@ -160,7 +161,7 @@ def fit(
         sc = StageConfig(name=name, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
                          optimizer=optimizer, momentum=cfg.momentum, num_neg=cfg.num_neg,
                          patience=cfg.patience, significance=cfg.significance if pretrained else 0.0,
-                         seed=cfg.seed + len(report.stages))
+                         warmup=cfg.warmup, seed=cfg.seed + len(report.stages))
         result = train_stage(model.to(device), data, val, sc, on_epoch, on_batch)
         report.stages[name] = {
             "val": result.val,

@@ -128,3 +128,25 @@ def test_format_1_checkpoint_still_loads(tmp_path):
     loaded = load_model_dir(tmp_path / "m").model
     for (k, a), (_, b) in zip(neumf.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_warmup_ramps_the_learning_rate_over_the_first_epoch():
+    """train_epoch(warmup=True): step b uses lr * (1/8 + 7/8 * b / (n_batches - 1)); the
+    optimizer's rate is restored afterwards; without warmup every step uses lr."""
+    from ncf.train import WARMUP_DIVISOR, train_epoch
+
+    torch.manual_seed(0)
+    model = GMF(ModelConfig("gmf", 10, 12))
+    opt = torch.optim.Adam(model.parameters(), lr=0.008)
+    seen = []
+    opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]["lr"]))
+    users, items = torch.randint(0, 10, (50,)), torch.randint(0, 12, (50,))
+    labels = (torch.rand(50) < 0.3).float()
+    train_epoch(model, opt, users, items, labels, batch_size=10, warmup=True)
+    assert WARMUP_DIVISOR == 8
+    assert seen == pytest.approx([0.008 * (1 / 8 + 7 / 8 * b / 4) for b in range(5)], rel=1e-12)
+    assert seen[0] == pytest.approx(0.001) and seen[-1] == pytest.approx(0.008)
+    assert opt.param_groups[0]["lr"] == 0.008
+    seen.clear()
+    train_epoch(model, opt, users, items, labels, batch_size=10)
+    assert seen == [0.008] * 5
