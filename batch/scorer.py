@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from batch import modelfile as mf
+from ncf.cpus import cpu_count
 from ncf.errors import NcfError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,13 +56,6 @@ def _ort():
     import onnxruntime as ort
 
     return ort
-
-
-def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def make_session(data: bytes, device: str, *, intra_threads: int = 1, source: str = "model"):

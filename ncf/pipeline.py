@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ncf.checkpoint import save_model_dir
+from ncf.cpus import cpu_count
 from ncf.data import Interactions
 from ncf.errors import NcfError
 from ncf.evaluation import EvalSet, evaluate, popularity_scorer, torch_scorer
@@ -60,10 +61,10 @@ class FitConfig:
     k: int = 10
     seed: int = 0
     device: str = "auto"
-    # CPU threads for torch. One: a training step at these sizes is a few ms of small ops, and
-    # a second intra-op thread gained nothing idle but lost 30x when the other core was busy
-    # (tests/benchmarks/bench_train.py, step ablation).
-    threads: int = 1
+    # CPU threads for torch's training steps. None: 1 or 2, chosen and re-checked by timing the
+    # steps (ncf.threads: 2 threads gained ~20% with the other core idle, lost 3.7x with it
+    # busy). A number: exactly that many.
+    threads: int | None = None
     warmup: bool = True  # first epoch of each stage: lr from lr / 8 up to lr (ncf.train.train_epoch)
 
 
@@ -106,6 +107,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_threads(threads: int | None, device: torch.device) -> tuple[int, ...]:
+    """The thread counts a training stage may choose from (ncf.threads.ThreadGovernor)."""
+    if threads is not None:
+        return (max(1, threads),)
+    return (1, 2) if device.type == "cpu" and cpu_count() >= 2 else (1,)
+
+
 def build_eval_sets(inter: Interactions, split: Split, seed: int) -> tuple[EvalSet, EvalSet]:
     """Validation: ranks the validation item, never against the test item. Test: ranks
     the test item, never against training or validation items. Sampled negatives come
@@ -144,7 +152,8 @@ def fit(
             "3 or more interactions"
         )
     device = resolve_device(cfg.device)
-    torch.set_num_threads(max(1, cfg.threads))
+    thread_choices = training_threads(cfg.threads, device)
+    torch.set_num_threads(thread_choices[0])  # evaluation and the rest: the safe setting
     torch.manual_seed(cfg.seed)
     val, test = build_eval_sets(inter, split, cfg.seed)
     data = EpochData(split.train_users, split.train_items, inter.n_items, device)
@@ -161,7 +170,7 @@ def fit(
         sc = StageConfig(name=name, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
                          optimizer=optimizer, momentum=cfg.momentum, num_neg=cfg.num_neg,
                          patience=cfg.patience, significance=cfg.significance if pretrained else 0.0,
-                         warmup=cfg.warmup, seed=cfg.seed + len(report.stages))
+                         warmup=cfg.warmup, thread_choices=thread_choices, seed=cfg.seed + len(report.stages))
         result = train_stage(model.to(device), data, val, sc, on_epoch, on_batch)
         report.stages[name] = {
             "val": result.val,

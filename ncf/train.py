@@ -21,6 +21,7 @@ from ncf.evaluation import EvalSet, sampled_ranks, torch_scorer
 from ncf.metrics import summarize
 from ncf.models import NCFModel
 from ncf.sampling import PositiveSet, sample_negative_items
+from ncf.threads import ThreadGovernor
 
 
 @dataclass
@@ -39,6 +40,7 @@ class StageConfig:
     # the luckiest epoch traded a better test HR for a noise gain (README, quality).
     significance: float = 0.0
     warmup: bool = False  # the first epoch ramps the learning rate up (train_epoch)
+    thread_choices: tuple[int, ...] = (1,)  # torch threads to choose from by timing (ncf.threads)
     seed: int = 0
 
 
@@ -135,30 +137,35 @@ class EpochData:
 
 def train_epoch(model: NCFModel, opt: torch.optim.Optimizer, users: torch.Tensor, items: torch.Tensor,
                 labels: torch.Tensor, batch_size: int,
-                on_batch: Callable[[int, int], None] | None = None, warmup: bool = False) -> float:
+                on_batch: Callable[[int, int], None] | None = None, warmup: bool = False,
+                threads: ThreadGovernor | None = None) -> float:
     """One pass over pre-shuffled tensors in slices; returns the mean log loss. With warmup,
     the learning rate rises linearly from 1/WARMUP_DIVISOR of its value to all of it over
     this epoch's batches (gradual warmup, Goyal et al. 2017, the companion of the linear
     scaling rule: at the full scaled rate from the first step, Adam's first updates killed
-    every ReLU unit of the MLP's last layer in one of three ML-100K seeds; README)."""
+    every ReLU unit of the MLP's last layer in one of three ML-100K seeds; README). `threads`
+    sets torch's thread count for the steps (ncf.threads)."""
     n = len(users)
     n_batches = math.ceil(n / batch_size)
     model.train()
     total = torch.zeros((), device=labels.device)
     target_lrs = [group["lr"] for group in opt.param_groups]
-    for b in range(n_batches):
-        if warmup:
-            ramp = 1 / WARMUP_DIVISOR + (1 - 1 / WARMUP_DIVISOR) * b / max(1, n_batches - 1)
-            for group, lr in zip(opt.param_groups, target_lrs, strict=True):
-                group["lr"] = lr * ramp
-        sl = slice(b * batch_size, (b + 1) * batch_size)
-        loss = F.binary_cross_entropy_with_logits(model(users[sl], items[sl]), labels[sl], reduction="sum")
-        opt.zero_grad(set_to_none=True)
-        (loss / (min(n, (b + 1) * batch_size) - b * batch_size)).backward()
-        opt.step()
-        total += loss.detach()
-        if on_batch and (b % 64 == 0 or b == n_batches - 1):
-            on_batch(b + 1, n_batches)
+    with threads or contextlib.nullcontext():
+        for b in range(n_batches):
+            if warmup:
+                ramp = 1 / WARMUP_DIVISOR + (1 - 1 / WARMUP_DIVISOR) * b / max(1, n_batches - 1)
+                for group, lr in zip(opt.param_groups, target_lrs, strict=True):
+                    group["lr"] = lr * ramp
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            loss = F.binary_cross_entropy_with_logits(model(users[sl], items[sl]), labels[sl], reduction="sum")
+            opt.zero_grad(set_to_none=True)
+            (loss / (min(n, (b + 1) * batch_size) - b * batch_size)).backward()
+            opt.step()
+            total += loss.detach()
+            if threads is not None:
+                threads.step_done()
+            if on_batch and (b % 64 == 0 or b == n_batches - 1):
+                on_batch(b + 1, n_batches)
     for group, lr in zip(opt.param_groups, target_lrs, strict=True):
         group["lr"] = lr
     return float(total) / n
@@ -198,6 +205,7 @@ def train_stage(
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
+    threads = ThreadGovernor(cfg.thread_choices)
     best_ranks = validation_ranks(model, val)
     best = summarize(best_ranks, K)
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
@@ -211,7 +219,7 @@ def train_stage(
             n = len(users)
             loss = train_epoch(model, opt, users, items, labels, cfg.batch_size,
                                (lambda done, total: on_batch(cfg.name, done, total)) if on_batch else None,
-                               warmup=cfg.warmup and epoch == 1)
+                               warmup=cfg.warmup and epoch == 1, threads=threads)
             samples += n
             train_s = time.perf_counter() - t0
             ranks = validation_ranks(model, val)

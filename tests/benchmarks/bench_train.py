@@ -36,9 +36,10 @@ from ncf.data import (
 )
 from ncf.evaluation import evaluate, torch_scorer
 from ncf.models import ModelConfig, NeuMF
-from ncf.pipeline import FitConfig, build_eval_sets, scaled_lr
+from ncf.pipeline import FitConfig, build_eval_sets, scaled_lr, training_threads
 from ncf.split import leave_one_out
 from ncf.synthetic import synthetic_interactions
+from ncf.threads import ThreadGovernor
 from ncf.train import EpochData, StageConfig, make_optimizer, train_epoch
 
 DEFAULT_DATA = Path(os.environ.get("NCF_DATA", REPO.parent / "shared" / "data")) / "ml-1m-partial" / "ratings_users_1-2999.dat"
@@ -191,11 +192,11 @@ def main() -> None:
     mcfg = ModelConfig("neumf", inter.n_users, inter.n_items)
     print(f"data: {len(split.train_users):,} training positives, {inter.n_users:,} users, "
           f"{inter.n_items:,} items; NeuMF paper defaults; {cfg.num_neg} negatives; "
-          f"{args.epochs} epochs; 1 torch thread for both paths")
+          f"{args.epochs} epochs; reference on 1 torch thread, ncf on 1 or 2 (its default)")
 
-    # both paths on one thread: the speed-up must come from the data path, batch and optimizer,
-    # not from a second thread that contention on a shared 2-core machine can make very slow.
-    # Epochs alternate between the two paths so that both see the same machine conditions
+    # The reference gets one thread: measured with 2 it ran at the same speed on a quiet machine
+    # (it is Python-bound) and can only lose on a busy one. ncf chooses 1 or 2 by timing its
+    # steps, as `ncf fit` does (ncf.threads). Epochs alternate between the two paths so that both see the same machine conditions
     # (this shared VM drifts by +-30% within minutes).
     threads_default = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -213,6 +214,7 @@ def main() -> None:
 
     seconds = {"ref": 0.0, "ncf": 0.0}
     samples = {"ref": 0, "ncf": 0}
+    governor = ThreadGovernor(training_threads(cfg.threads, torch.device("cpu")))  # as ncf fit
     ncf_epochs = data.epochs(cfg.num_neg, rng, args.epochs)  # as train_stage: next draw in background
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -220,7 +222,8 @@ def main() -> None:
         seconds["ref"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         users, items, labels = next(ncf_epochs)  # epoch 1: drawn now; later: waits if unfinished
-        train_epoch(model, opt, users, items, labels, sc.batch_size, warmup=cfg.warmup and epoch == 1)
+        train_epoch(model, opt, users, items, labels, sc.batch_size, warmup=cfg.warmup and epoch == 1,
+                    threads=governor)
         samples["ncf"] += len(users)
         seconds["ncf"] += time.perf_counter() - t0
         print(f"  epoch {epoch}: reference {seconds['ref']:.1f} s, ncf {seconds['ncf']:.1f} s (cumulative)")
@@ -236,6 +239,10 @@ def main() -> None:
         print(f"{name:<44}{rate:>12,.0f}{q['hr@10']:>8.4f}{q['ndcg@10']:>9.4f}"
               f"{q['full_hr@10']:>9.4f}{q['full_ndcg@10']:>10.4f}")
     (ref, _), (ours, _) = results.values()
+    windows = [t for t, _ in governor.history]
+    print("ncf's thread windows: " + ", ".join(f"{windows.count(t)} x {t}" for t in sorted(set(windows)))
+          + " thread(s) (seconds/step last measured: "
+          + ", ".join(f"{t}: {s * 1e3:.2f} ms" for t, s in sorted(governor.seconds_per_step.items())) + ")")
     print(f"training speed-up (ncf / reference): {ours / ref:.1f}x")
     step_ablation(inter.n_users, inter.n_items)
 
