@@ -131,15 +131,16 @@ def reference_epoch(model, opt, ds, batch_size=256):
 
 def step_ablation(n_users: int, n_items: int, steps: int = 150) -> None:
     """Where the speed comes from: samples/s of the bare training step (same NeuMF, random
-    indices) for each setting ncf changed, one at a time."""
+    indices) for each setting ncf changed, one at a time. ncf runs the 2-thread or the 1-thread
+    batch-2048 row, whichever its steps measure faster (ncf.threads)."""
     settings = [  # (label, batch, fused Adam, torch threads)
         ("batch 256, Adam (foreach), 2 threads, reference model", 256, False, 2),
         ("batch 256, Adam (foreach), 2 threads", 256, False, 2),
         ("batch 256, Adam (fused), 2 threads", 256, True, 2),
         ("batch 256, Adam (fused), 1 thread", 256, True, 1),
-        ("batch 2048, Adam (fused), 2 threads", 2048, True, 2),
+        ("batch 2048, Adam (fused), 2 threads  [ncf: 2nd core free]", 2048, True, 2),
         ("batch 2048, Adam (fused), 1 thread, MLP tables + cat", 2048, True, 1),
-        ("batch 2048, Adam (fused), 1 thread   [ncf default]", 2048, True, 1),
+        ("batch 2048, Adam (fused), 1 thread   [ncf: 2nd core busy]", 2048, True, 1),
         ("batch 4096, Adam (fused), 1 thread", 4096, True, 1),
         ("batch 8192, Adam (fused), 1 thread", 8192, True, 1),
     ]
@@ -165,7 +166,7 @@ def step_ablation(n_users: int, n_items: int, steps: int = 150) -> None:
             loss.backward()
             opt.step()
         dt = (time.perf_counter() - t0) / steps
-        print(f"  {label:<56}{bs / dt:>12,.0f} samples/s  ({dt * 1e3:.2f} ms/step)")
+        print(f"  {label:<60}{bs / dt:>12,.0f} samples/s  ({dt * 1e3:.2f} ms/step)")
     torch.set_num_threads(threads_before)
 
 
