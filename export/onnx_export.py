@@ -85,6 +85,13 @@ class _PairWrapper(torch.nn.Module):
         self.model = model
 
     def forward(self, user: torch.Tensor, item: torch.Tensor):
+        # An index outside its vocabulary goes beyond every table, so that Gather rejects it:
+        # in the stacked MLP table (users, then items) user n_users would otherwise read item
+        # 0's row, and ONNX Gather wraps negative indices round to the other end.
+        cfg = self.model.cfg
+        beyond = cfg.n_users + cfg.n_items
+        user = torch.where((user >= 0) & (user < cfg.n_users), user, beyond)
+        item = torch.where((item >= 0) & (item < cfg.n_items), item, beyond)
         logit = self.model(user, item)
         return torch.sigmoid(logit), logit
 

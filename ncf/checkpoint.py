@@ -56,16 +56,18 @@ def model_state(model: NCFModel) -> dict:
 
 def model_from_state(state: dict) -> NCFModel:
     model = build_model(ModelConfig(**state["config"]))
-    model.load_state_dict(_upgrade_v1(state["state_dict"]))
+    sd = state["state_dict"]
+    model.load_state_dict(_upgrade_v1(sd) if state.get("format_version") == 1 else sd)
     return model.eval()
 
 
 def _upgrade_v1(state_dict: dict) -> dict:
     """Format 1 kept the MLP embeddings as user_mlp and item_mlp; format 2 stacks them."""
-    if "user_mlp.weight" not in state_dict:
-        return state_dict
     sd = dict(state_dict)
-    sd["mlp_embedding.weight"] = torch.cat([sd.pop("user_mlp.weight"), sd.pop("item_mlp.weight")])
+    if "user_mlp.weight" in sd or "item_mlp.weight" in sd:
+        if "user_mlp.weight" not in sd or "item_mlp.weight" not in sd:
+            raise NcfError("format-1 weights hold only one of the MLP embedding tables (user_mlp, item_mlp)")
+        sd["mlp_embedding.weight"] = torch.cat([sd.pop("user_mlp.weight"), sd.pop("item_mlp.weight")])
     return sd
 
 
@@ -148,7 +150,8 @@ def load_model_dir(path: Path) -> ModelDir:
     version = state.get("format_version") if isinstance(state, dict) else None
     if version not in READABLE_VERSIONS or config.get("format_version") != version:
         raise NcfError(
-            f"{path} was written by another ncf version (format {version}, expected {FORMAT_VERSION}); retrain it"
+            f"{path} was written by another ncf version (format {version}, this ncf reads "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}); retrain it"
         )
     try:
         model = model_from_state(state)

@@ -6,7 +6,8 @@ import os
 
 
 def cpu_count() -> int:
-    """The CPUs of this process's affinity mask (a container's quota shows there), at least 1."""
+    """The CPUs of this process's affinity mask (cpusets of containers and `taskset` show
+    there; a CPU-time quota such as `docker --cpus` does not), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux

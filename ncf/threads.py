@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Self
 
 import torch
 
@@ -35,7 +34,7 @@ class ThreadGovernor:
         self.window, self.slowdown = window, slowdown
         self.trial_window = max(1, window // 4)
         self.min_recheck, self.max_recheck = recheck, max_recheck
-        self.recheck = recheck  # windows until the next round of trials
+        self.recheck = recheck  # windows between rounds of trials (grows while they agree)
         self.clock = clock
         self.seconds_per_step: dict[int, float] = {}  # each count's latest measured window
         self.current = self.choices[0]
@@ -43,18 +42,20 @@ class ThreadGovernor:
         self._trying = True
         self._before_trials: int | None = None
         self._since_trials = 0
-        self._steps = 0
+        self._steps = 0  # steps of the window so far (windows span epochs)
+        self._elapsed = 0.0  # their time, without the time between epochs
         self._start = 0.0
         self._saved = 1
         self.history: list[tuple[int, float]] = []  # (threads, seconds per step) per window
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ThreadGovernor:  # noqa: PYI034 (Self needs Python 3.11)
         self._saved = torch.get_num_threads()
         torch.set_num_threads(self.current)
-        self._steps, self._start = 0, self.clock()  # time between epochs does not count
+        self._start = self.clock()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._elapsed += self.clock() - self._start  # the window goes on in the next epoch
         torch.set_num_threads(self._saved)
 
     def step_done(self) -> None:
@@ -65,9 +66,9 @@ class ThreadGovernor:
         if self._steps < (self.trial_window if self._trying else self.window):
             return
         now = self.clock()
-        self._decide((now - self._start) / self._steps)
+        self._decide((self._elapsed + now - self._start) / self._steps)
         torch.set_num_threads(self.current)
-        self._steps, self._start = 0, self.clock()
+        self._steps, self._elapsed, self._start = 0, 0.0, self.clock()
 
     def _decide(self, per_step: float) -> None:
         self.history.append((self.current, per_step))

@@ -120,8 +120,11 @@ class EpochData:
     def epochs(self, num_neg: int, rng: np.random.Generator, n_epochs: int) -> Iterator[tuple]:
         """`draw` for epochs 1..n_epochs, each epoch's draw made by a background thread while
         the caller trains on the previous one: the sampling (numpy, which releases the GIL)
-        then runs beside the one-thread training steps instead of between epochs. The draws
-        happen in the same order from the same generator, so the data equal sequential draws'."""
+        then runs beside the training steps instead of between epochs. The draws happen in
+        the same order from the same generator, so the data equal sequential draws'. An
+        epoch's tensors are valid until the next one is requested (on CPU they are reused
+        buffers). A draw's error is raised by the `next` that asks for it; closing the
+        iterator early waits for a draw in progress."""
         if n_epochs < 1:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="ncf-negatives") as pool:
@@ -138,36 +141,38 @@ class EpochData:
 def train_epoch(model: NCFModel, opt: torch.optim.Optimizer, users: torch.Tensor, items: torch.Tensor,
                 labels: torch.Tensor, batch_size: int,
                 on_batch: Callable[[int, int], None] | None = None, warmup: bool = False,
-                threads: ThreadGovernor | None = None) -> float:
+                governor: ThreadGovernor | None = None) -> float:
     """One pass over pre-shuffled tensors in slices; returns the mean log loss. With warmup,
     the learning rate rises linearly from 1/WARMUP_DIVISOR of its value to all of it over
     this epoch's batches (gradual warmup, Goyal et al. 2017, the companion of the linear
     scaling rule: at the full scaled rate from the first step, Adam's first updates killed
-    every ReLU unit of the MLP's last layer in one of three ML-100K seeds; README). `threads`
+    every ReLU unit of the MLP's last layer in one of three ML-100K seeds; README). `governor`
     sets torch's thread count for the steps (ncf.threads)."""
     n = len(users)
     n_batches = math.ceil(n / batch_size)
     model.train()
     total = torch.zeros((), device=labels.device)
     target_lrs = [group["lr"] for group in opt.param_groups]
-    with threads or contextlib.nullcontext():
-        for b in range(n_batches):
-            if warmup:
-                ramp = 1 / WARMUP_DIVISOR + (1 - 1 / WARMUP_DIVISOR) * b / max(1, n_batches - 1)
-                for group, lr in zip(opt.param_groups, target_lrs, strict=True):
-                    group["lr"] = lr * ramp
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            loss = F.binary_cross_entropy_with_logits(model(users[sl], items[sl]), labels[sl], reduction="sum")
-            opt.zero_grad(set_to_none=True)
-            (loss / (min(n, (b + 1) * batch_size) - b * batch_size)).backward()
-            opt.step()
-            total += loss.detach()
-            if threads is not None:
-                threads.step_done()
-            if on_batch and (b % 64 == 0 or b == n_batches - 1):
-                on_batch(b + 1, n_batches)
-    for group, lr in zip(opt.param_groups, target_lrs, strict=True):
-        group["lr"] = lr
+    try:
+        with governor if governor is not None else contextlib.nullcontext():
+            for b in range(n_batches):
+                if warmup:
+                    ramp = 1 / WARMUP_DIVISOR + (1 - 1 / WARMUP_DIVISOR) * b / max(1, n_batches - 1)
+                    for group, lr in zip(opt.param_groups, target_lrs, strict=True):
+                        group["lr"] = lr * ramp
+                sl = slice(b * batch_size, (b + 1) * batch_size)
+                loss = F.binary_cross_entropy_with_logits(model(users[sl], items[sl]), labels[sl], reduction="sum")
+                opt.zero_grad(set_to_none=True)
+                (loss / (min(n, (b + 1) * batch_size) - b * batch_size)).backward()
+                opt.step()
+                total += loss.detach()
+                if governor is not None:
+                    governor.step_done()
+                if on_batch and (b % 64 == 0 or b == n_batches - 1):
+                    on_batch(b + 1, n_batches)
+    finally:
+        for group, lr in zip(opt.param_groups, target_lrs, strict=True):
+            group["lr"] = lr
     return float(total) / n
 
 
@@ -205,7 +210,7 @@ def train_stage(
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
-    threads = ThreadGovernor(cfg.thread_choices)
+    governor = ThreadGovernor(cfg.thread_choices)
     best_ranks = validation_ranks(model, val)
     best = summarize(best_ranks, K)
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
@@ -219,7 +224,7 @@ def train_stage(
             n = len(users)
             loss = train_epoch(model, opt, users, items, labels, cfg.batch_size,
                                (lambda done, total: on_batch(cfg.name, done, total)) if on_batch else None,
-                               warmup=cfg.warmup and epoch == 1, threads=threads)
+                               warmup=cfg.warmup and epoch == 1, governor=governor)
             samples += n
             train_s = time.perf_counter() - t0
             ranks = validation_ranks(model, val)

@@ -155,6 +155,7 @@ CASES = [
         pl.DataFrame({"user_id": list(range(50)), "item_id": list(range(50))}).write_parquet(d / "full.parquet"),
         truncated(d / "full.parquet", d / "data.parquet"), ["fit", "data.parquet"])[-1], "cannot read Parquet"),
     ("fit-epochs-zero", lambda d: ["fit", csv(d, "user_id,item_id\n1,2\n"), "--epochs", "0"], "--epochs must be at least 1"),
+    ("fit-threads-zero", lambda d: ["fit", csv(d, "user_id,item_id\n1,2\n"), "--threads", "0"], "--threads must be at least 1"),
     ("fit-unknown-model-kind", lambda d: ["fit", csv(d, "user_id,item_id\n1,2\n"), "--model", "svd"], "--model must be"),
     ("fit-unwritable-out", lambda d: ["fit", "../data/fit.csv", "--out", f"{blocker(d)}/m", *FIT], "cannot write the model directory"),
     # ---- export

@@ -158,3 +158,17 @@ def test_grid_verification_catches_a_wrong_graph(monkeypatch):
             t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
     with pytest.raises(NcfError, match="grid ONNX graph differs"):
         ox.verify_grid(c.model, proto.SerializeToString())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "neumf"])
+def test_pair_graph_rejects_indices_outside_the_vocabulary(kind):
+    """With users and items stacked in one MLP table, user n_users would read item 0's row and
+    ONNX Gather wraps negative indices: the per-pair graph must reject both instead."""
+    c = case(kind)
+    sess = pair_session(c.pair)
+    n_u, n_i = len(c.user_ids), len(c.item_ids)
+    ok = {"user": np.array([0, n_u - 1]), "item": np.array([n_i - 1, 0])}
+    assert np.isfinite(sess.run(["logit"], ok)[0]).all()
+    for user, item in ((n_u, 0), (-1, 0), (0, n_i), (0, -1)):
+        with pytest.raises(Exception, match="out of|indices"):
+            sess.run(["logit"], {"user": np.array([user]), "item": np.array([item])})

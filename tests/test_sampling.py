@@ -82,3 +82,26 @@ def test_prefetched_epochs_equal_sequential_draws():
         seen += 1
     assert seen == 3
     assert not torch.equal(expected[0][1], expected[1][1])
+
+
+def test_prefetched_epochs_raise_draw_errors_and_close_early():
+    import pytest
+    import torch
+
+    from ncf.train import EpochData
+
+    users, items = _data(np.random.default_rng(5))
+    data = EpochData(users, items, 40, torch.device("cpu"))
+    it = data.epochs(4, np.random.default_rng(1), 5)
+    next(it)
+    it.close()  # stops after epoch 1: waits for epoch 2's draw, leaves no worker behind
+    with pytest.raises(StopIteration):
+        next(it)
+
+    class Broken(np.random.Generator):
+        def integers(self, *a, **k):
+            raise RuntimeError("rng broke")
+
+    broken = Broken(np.random.PCG64(0))
+    with pytest.raises(RuntimeError, match="rng broke"):
+        next(EpochData(users, items, 40, torch.device("cpu")).epochs(4, broken, 2))

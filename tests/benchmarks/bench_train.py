@@ -224,7 +224,7 @@ def main() -> None:
         t0 = time.perf_counter()
         users, items, labels = next(ncf_epochs)  # epoch 1: drawn now; later: waits if unfinished
         train_epoch(model, opt, users, items, labels, sc.batch_size, warmup=cfg.warmup and epoch == 1,
-                    threads=governor)
+                    governor=governor)
         samples["ncf"] += len(users)
         seconds["ncf"] += time.perf_counter() - t0
         print(f"  epoch {epoch}: reference {seconds['ref']:.1f} s, ncf {seconds['ncf']:.1f} s (cumulative)")
