@@ -35,7 +35,7 @@ from ncf.data import (
     load_interactions,
 )
 from ncf.evaluation import evaluate, torch_scorer
-from ncf.models import ModelConfig, NeuMF
+from ncf.models import ModelConfig, NeuMF, _rows
 from ncf.pipeline import FitConfig, build_eval_sets, scaled_lr, training_threads
 from ncf.split import leave_one_out
 from ncf.synthetic import synthetic_interactions
@@ -109,11 +109,8 @@ class TwoTableNeuMF(ReferenceNeuMF):
     """ncf's NeuMF before PairEmbedding: index_select lookups, but two MLP tables and cat."""
 
     def forward(self, u, i):
-        def rows(emb, idx):
-            return emb.weight.index_select(0, idx)
-
-        gmf = rows(self.user_gmf, u) * rows(self.item_gmf, i)
-        mlp = self.tower(torch.cat([rows(self.user_mlp, u), rows(self.item_mlp, i)], dim=-1))
+        gmf = _rows(self.user_gmf, u) * _rows(self.item_gmf, i)
+        mlp = self.tower(torch.cat([_rows(self.user_mlp, u), _rows(self.item_mlp, i)], dim=-1))
         return self.h(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
 
 
