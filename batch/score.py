@@ -612,6 +612,7 @@ def score_users(
         "kind": scorer.kind,
         "provider": scorer.provider,
         "device_note": scorer.device_note,
+        "kernel": scorer.kernel_note,
         "users_in": stats["users_in"],
         "users_scored": stats["scored"],
         "unknown_users": stats["unknown"],
@@ -641,7 +642,7 @@ def score_users(
         note = " (discarded the parts of an earlier interrupted run; pass --resume to continue one)"
     summary["line"] = (
         f"{summary['users_scored']:,} users scored, {summary['unknown_users']:,} unknown ({summary['unknown_handling']}), "
-        f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s ({seconds - scoring:.1f}s loading) on {scorer.provider} "
+        f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s ({seconds - scoring:.1f}s loading) on {scorer.provider}, {scorer.kernel_note} "
         f"({summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s){note}"
     )
     return summary

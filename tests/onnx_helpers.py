@@ -29,6 +29,10 @@ CONFIGS = {
     "fused": {"factors": 6, "activation": "tanh"},
     # the grid graph's tower without the ReLU max trick
     "neumf-sigmoid": {"kind": "neumf", "factors": 4, "layers": (16, 8, 4), "activation": "sigmoid"},
+    # towers the fused kernel covers through its remainder paths: widths 7, 5, 3 (not multiples
+    # of its 4-output blocks), and one layer after the split (no weights at all)
+    "neumf-odd": {"kind": "neumf", "factors": 3, "layers": (22, 7, 5, 3)},
+    "mlp-one": {"kind": "mlp", "factors": 4, "layers": (16, 8)},
 }
 
 

@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from batch import fused
 from batch import modelfile as mf
 from batch.scorer import GridScorer
 from export import onnx_export as ox
@@ -87,14 +88,17 @@ def test_int_ids_keep_int64():
     assert str(meta.user_ids.type) == "int64" and meta.item_ids.to_pylist() == c.item_ids
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["neumf-odd", "mlp-one"])
 @pytest.mark.parametrize("exclude_seen", [False, True])
-def test_grid_topk_equals_brute_force_over_pair_scores(kind, exclude_seen):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "plain"])
+def test_grid_topk_equals_brute_force_over_pair_scores(kind, exclude_seen, fuse):
     c = case(kind)
     users = np.arange(len(c.user_ids))
     k = 12
-    with GridScorer(c.grid, device="cpu", chunk_users=3) as sc:  # 40 users: last chunk padded
+    with GridScorer(c.grid, device="cpu", chunk_users=3, fuse=fuse) as sc:  # 40 users: last chunk padded
         res = sc.topk(users, k, exclude_seen=exclude_seen)
+        relu_tower = kind in ("mlp", "neumf", "neumf-odd", "mlp-one")
+        assert sc.fused == (fuse and relu_tower and fused.library().path is not None)
     ref = brute_force_topk(c, users, k, exclude_seen=exclude_seen)
     for u, (items, score, logit) in zip(users, ref):
         np.testing.assert_array_equal(res.items[u], items)
@@ -104,11 +108,12 @@ def test_grid_topk_equals_brute_force_over_pair_scores(kind, exclude_seen):
             assert not set(res.items[u].tolist()) & c.seen[int(u)]
 
 
-@pytest.mark.parametrize("kind", ["gmf", "neumf", "fused"])
-def test_equal_scores_come_out_by_item_index(kind):
+@pytest.mark.parametrize("kind", ["gmf", "neumf", "fused", "mlp"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "plain"])
+def test_equal_scores_come_out_by_item_index(kind, fuse):
     c = case(kind, n_users=10, n_items=30, dup_items=True)  # item j == item j + 15
     users = np.arange(10)
-    with GridScorer(c.grid, device="cpu", chunk_users=4) as sc:
+    with GridScorer(c.grid, device="cpu", chunk_users=4, fuse=fuse) as sc:
         res = sc.topk(users, 30, exclude_seen=False)
     ref = brute_force_topk(c, users, 30, exclude_seen=False)
     for u, (items, _, logit) in zip(users, ref):

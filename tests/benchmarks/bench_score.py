@@ -8,10 +8,11 @@ Same random NeuMF weights (paper defaults: 8 factors, MLP 64-32-16-8) for both p
   (c) a larger synthetic grid, 100,000 users x 20,000 items, 50 seen items per user.
 Baseline: the per-pair ONNX graph (model.pair.onnx) fed every (user, item) pair of a chunk of
 users, seen items set to -inf, top-k by numpy argpartition + sort. Ours: `GridScorer.topk`
-(the grid graph) and the whole `score_users` run (Parquet in, Parquet out). Both exclude the
-seen items. The slow baseline and the large grid run on samples of users (sizes printed).
+(the grid graph with its ReLU tower fused into one custom operator, batch/fused.py) and the
+whole `score_users` run (Parquet in, Parquet out); as an ablation, `GridScorer.topk` on the plain
+grid graph (every tower layer a separate ONNX operator). All exclude the seen items. The slow baseline and the large grid run on samples of users (sizes printed).
 This shared VM's speed drifts by tens of percent within seconds, so the paths take turns:
-each round runs the baseline, then GridScorer.topk, then the whole `ncf score` path, and the
+each round runs the baseline, the plain graph, GridScorer.topk, then the whole `ncf score` path, and the
 ratio of a round compares passes made seconds apart. Printed: the median rate of each path and
 the median of the per-round ratios (the lowest and highest round in brackets).
 """
@@ -142,19 +143,22 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
     users_path = tmp / f"{name}-users.parquet"  # raw ids: index * 3 + 1 (make_model's vocabulary)
     pq.write_table(pa.table({"user_id": score_users_idx * 3 + 1}), users_path)
     sess = baseline_session(pair_path)
-    rates: dict[str, list[float]] = {"baseline": [], "topk": [], "score": []}
-    with GridScorer(grid_path, device="cpu") as sc:
+    rates: dict[str, list[float]] = {"baseline": [], "plain": [], "topk": [], "score": []}
+    with GridScorer(grid_path, device="cpu") as sc, GridScorer(grid_path, device="cpu", fuse=False) as plain:
+        print(f"  kernel: {sc.kernel_note}", flush=True)
         indptr, seen = sc.meta.seen_indptr, sc.meta.seen_items
         chunk, threads = sc.chunk_users, sc.threads
-        baseline(sess, base_users[:32], n_items, indptr, seen)  # warm-up both
+        baseline(sess, base_users[:32], n_items, indptr, seen)  # warm-up all
         sc.topk(ours_users[: 4 * chunk * threads], K)
+        plain.topk(ours_users[: 4 * plain.chunk_users * threads], K)
         for r in range(rounds):
             b_rate, b_top = baseline(sess, base_users, n_items, indptr, seen)
+            p_rate, _ = ours_topk(plain, ours_users)
             o_rate, o_res = ours_topk(sc, ours_users)
             s_rate, s_sum = ours_score(grid_path, users_path, tmp / f"{name}-topn.parquet")
-            for key, v in (("baseline", b_rate), ("topk", o_rate), ("score", s_rate)):
+            for key, v in (("baseline", b_rate), ("plain", p_rate), ("topk", o_rate), ("score", s_rate)):
                 rates[key].append(v)
-            print(f"  round {r + 1}: baseline {b_rate / 1e6:6.2f} M  topk {o_rate / 1e6:6.2f} M  "
+            print(f"  round {r + 1}: baseline {b_rate / 1e6:6.2f} M  plain graph {p_rate / 1e6:6.2f} M  topk {o_rate / 1e6:6.2f} M  "
                   f"score_users {s_rate / 1e6:6.2f} M pairs/s  ratio {s_rate / b_rate:4.1f}x", flush=True)
     # agreement on the users both paths scored (items may differ only at exact ties)
     common = np.intersect1d(base_users, ours_users)
@@ -164,7 +168,7 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
         oi = o_res.items[np.searchsorted(ours_users, common)]
         agree = float((bi == oi).mean())
     med = {key: float(np.median(v)) for key, v in rates.items()}
-    ratios = {key: np.array(rates[key]) / np.array(rates["baseline"]) for key in ("topk", "score")}
+    ratios = {key: np.array(rates[key]) / np.array(rates["baseline"]) for key in ("plain", "topk", "score")}
 
     def ratio_text(key):
         r = ratios[key]
@@ -175,12 +179,15 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
 
     print(f"  baseline  per-pair graph + numpy top-k          users={len(base_users):>7,}  {med['baseline'] / 1e6:7.2f} M pairs/s  "
           f"{share(med['baseline'])}")
+    print(f"  ablation  GridScorer.topk, plain graph (B={plain.chunk_users})    users={len(ours_users):>7,}  {med['plain'] / 1e6:7.2f} M pairs/s  "
+          f"{share(med['plain'])}   {ratio_text('plain')}")
     print(f"  ours      GridScorer.topk (B={chunk}, {threads} threads)   users={len(ours_users):>7,}  {med['topk'] / 1e6:7.2f} M pairs/s  "
           f"{share(med['topk'])}   {ratio_text('topk')}")
     print(f"  ours      score_users (Parquet in/out)         users={s_sum['users_scored']:>7,}  {med['score'] / 1e6:7.2f} M pairs/s  "
           f"{share(med['score'])}   {ratio_text('score')}   (+{s_sum['seconds'] - s_sum['scoring_seconds']:.1f}s loading the model)")
     print(f"  top-{K} agreement with the baseline on {len(common)} common users: {agree:.4f}")
-    return {**med, "ratio": float(np.median(ratios["score"])), "ratio_topk": float(np.median(ratios["topk"]))}
+    return {**med, "ratio": float(np.median(ratios["score"])), "ratio_topk": float(np.median(ratios["topk"])),
+            "ratio_plain": float(np.median(ratios["plain"]))}
 
 
 def main(argv=None) -> int:
@@ -207,7 +214,8 @@ def main(argv=None) -> int:
     print("\nsummary (pairs/s; ratio = ours / baseline):")
     for name, r in results.items():
         print(f"  {name:6s} baseline {r['baseline'] / 1e6:6.2f} M  topk {r['topk'] / 1e6:6.2f} M  "
-              f"score_users {r['score'] / 1e6:6.2f} M  ratio {r['ratio']:4.1f}x (topk {r['ratio_topk']:.1f}x)  "
+              f"score_users {r['score'] / 1e6:6.2f} M  ratio {r['ratio']:4.1f}x (topk {r['ratio_topk']:.1f}x, "
+              f"plain graph {r['ratio_plain']:.1f}x)  "
               f"(median of rounds; target >= 5x)")
     return 0
 
