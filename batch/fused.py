@@ -10,7 +10,8 @@ memory; the fused kernel keeps a block of 16 candidates in registers and writes 
 pair (measured in `make bench-score`).
 
 The library is compiled on first use with the machine's C compiler (`$CC`, else `cc`) and
-`-march=native`, into a cache directory keyed by the source, the compiler and the CPU, and is
+`-march=native`, into a cache directory (`$NCF_CACHE_DIR`, else `~/.cache/ncf`) keyed by the
+source, the compiler, the CPU and the ONNX Runtime version, and is
 used only after a self-check in a separate process (a crash there cannot take the caller
 down) has compared it with numpy. Without a compiler, or with `NCF_FUSED=0`, or for towers it
 does not cover (tanh/sigmoid activations, layers wider than 256), the plain graph runs: same
@@ -92,7 +93,11 @@ def _build() -> Library:
     cc, version = _compiler()
     if cc is None:
         return Library(None, f"fused tower unavailable: {version}")
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    import onnxruntime as ort
+
+    # a new source, compiler, CPU or runtime gets its own build and its own self-check
+    signature = f"{version}\n{_cpu_signature()}\n{ort.__version__}".encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + signature).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"relu_tower-{key}.so"
     bad = target.with_suffix(".bad")
@@ -155,7 +160,10 @@ def fuse_grid(data: bytes) -> tuple[bytes | None, str]:
     from onnx import helper as oh
     from onnx import numpy_helper as nh
 
-    model = onnx.load_from_string(data)
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - not ONNX: the plain session's loader says why
+        return None, f"not an ONNX model ({type(exc).__name__})"
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {out: n for n in g.node for out in n.output}

@@ -217,14 +217,19 @@ class GridScorer:
             data = bytes(model)
             source = source or "model bytes"
         self.source = source
-        self.session, self.provider, self.device_note = make_session(data, device, intra_threads=1, source=source)
-        self.fused = False
-        self.kernel_note = "plain graph on CUDA"
-        if self.provider == CPU_EP and not fuse:
-            self.kernel_note = "plain graph (fusion not requested)"
-        elif self.provider == CPU_EP:  # the ReLU tower as one custom operator where it can be built
+        fused, self.kernel_note = None, "plain graph (fusion not requested)"
+        if fuse and device == "cpu":  # certain to run on CPU: no plain session to build first
             fused, self.kernel_note = fused_session(data, source=source)
-            self.session, self.fused = (fused, True) if fused is not None else (self.session, False)
+        if fused is not None:
+            self.session, self.provider, self.device_note = fused, CPU_EP, "CPU requested"
+        else:
+            self.session, self.provider, self.device_note = make_session(data, device, intra_threads=1, source=source)
+            if self.provider != CPU_EP:
+                self.kernel_note = "plain graph on CUDA"
+            elif fuse and device != "cpu":  # auto that ended on CPU: now try the fused tower
+                fused, self.kernel_note = fused_session(data, source=source)
+                self.session = fused or self.session
+        self.fused = fused is not None
         try:
             props = self.session.get_modelmeta().custom_metadata_map
         except Exception as exc:  # pragma: no cover - ORT always has a meta object
