@@ -20,10 +20,12 @@ results within float rounding, slower. `note` always says which ran and why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -66,16 +68,18 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def _compiler() -> tuple[str | None, str]:
-    cc = os.environ.get("CC") or "cc"
-    path = shutil.which(cc)
+def _compiler() -> tuple[list[str] | None, str]:
+    """(command, version line) of $CC (which may carry arguments, e.g. "ccache cc") or cc."""
+    cc = shlex.split(os.environ.get("CC") or "cc") or ["cc"]
+    path = shutil.which(cc[0])
     if path is None:
-        return None, f"no C compiler ({cc}) on PATH"
+        return None, f"no C compiler ({cc[0]}) on PATH"
+    command = [path, *cc[1:]]
     try:
-        version = subprocess.run([path, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*command, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"{cc} --version failed: {exc}"
-    return path, version.splitlines()[0] if version else cc
+        return None, f"{cc[0]} --version failed: {exc}"
+    return command, version.splitlines()[0] if version else " ".join(cc)
 
 
 def library() -> Library:
@@ -83,8 +87,29 @@ def library() -> Library:
     there is none. Cached in-process."""
     global _library
     if _library is None:
-        _library = _build()
+        try:
+            _library = _build()
+        except (OSError, RuntimeError) as exc:  # no home directory, unreadable cache, ...
+            _library = Library(None, f"fused tower unavailable: {exc}")
     return _library
+
+
+class _Failure(Exception):
+    """Building failed; `lasting` failures (the compiler rejects the source, the self-check
+    disagrees with numpy or crashes) are remembered, passing ones (timeouts) are not."""
+
+    def __init__(self, reason: str, lasting: bool):
+        super().__init__(reason)
+        self.lasting = lasting
+
+
+def _private_folder(folder: Path) -> None:
+    """Create the cache folder for this user only, and refuse one that others could write to:
+    a library found there is loaded into the process."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise OSError(f"cache folder {folder} is not private to this user (owner or group/world write)")
 
 
 def _build() -> Library:
@@ -99,53 +124,71 @@ def _build() -> Library:
     signature = f"{version}\n{_cpu_signature()}\n{ort.__version__}".encode()
     key = hashlib.sha256(SOURCE.read_bytes() + signature).hexdigest()[:16]
     folder = cache_dir()
+    _private_folder(folder)
     target = folder / f"relu_tower-{key}.so"
     bad = target.with_suffix(".bad")
-    if bad.exists():
-        return Library(None, f"fused tower unavailable: {bad.read_text().strip()} (see {bad})")
-    if target.exists():
-        return Library(target, "fused tower (ai.ncf.ReluTower)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
+    with _lock(folder / f"relu_tower-{key}.lock"):  # one builder per machine; the others wait
+        if bad.exists():
+            return Library(None, f"fused tower unavailable: {bad.read_text().strip()} (delete {bad} to retry)")
+        if target.exists():
+            return Library(target, "fused tower (ai.ncf.ReluTower)")
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / target.name
-            reason = _compile(cc, built)
-            if reason is None:
-                reason = _self_check(built)
-            if reason is not None:
-                bad.write_text(reason + "\n")
-                return Library(None, f"fused tower unavailable: {reason}")
-            os.replace(built, target)  # atomic: concurrent builders each install a complete file
-    except OSError as exc:
-        return Library(None, f"fused tower unavailable: cannot write {folder}: {exc.strerror or exc}")
+            try:
+                _compile(cc, built)
+                _self_check(built)
+            except _Failure as failure:
+                if failure.lasting:
+                    bad.write_text(f"{failure}\n")
+                return Library(None, f"fused tower unavailable: {failure}")
+            os.replace(built, target)
     return Library(target, "fused tower (ai.ncf.ReluTower, compiled now)")
 
 
-def _compile(cc: str, out: Path) -> str | None:
-    base = [cc, "-O3", "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+@contextlib.contextmanager
+def _lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builders still each install a complete file
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _compile(cc: list[str], out: Path) -> None:
     errors = ""
     for flags in (["-march=native"], []):  # some compilers (or CPUs) lack -march=native
         try:
-            run = subprocess.run(base[:1] + flags + base[1:], check=False, capture_output=True, text=True, timeout=_TIMEOUT_S)
+            run = subprocess.run([*cc, *flags, "-O3", "-shared", "-fPIC", "-o", str(out), str(SOURCE)], check=False,
+                                 capture_output=True, text=True, timeout=_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise _Failure(f"the compiler ran longer than {_TIMEOUT_S}s", lasting=False) from None
         except (OSError, subprocess.SubprocessError) as exc:
-            return f"compiler failed to run: {exc}"
+            raise _Failure(f"compiler failed to run: {exc}", lasting=False) from exc
         if run.returncode == 0:
-            return None
+            return
         errors = (run.stderr.strip().splitlines() or ["?"])[-1]
-    return f"compile error: {errors}"
+    raise _Failure(f"compile error: {errors}", lasting=True)
 
 
-def _self_check(lib: Path) -> str | None:
-    """Run the operator on a small random tower in a child process and compare with numpy."""
+def _self_check(lib: Path) -> None:
+    """Run the operator on small random towers in a child process (a crash there cannot take
+    the caller down) and compare with numpy."""
     try:
         run = subprocess.run([sys.executable, "-m", "batch.fused", str(lib)], check=False, capture_output=True, text=True,
                              timeout=_TIMEOUT_S, cwd=str(Path(__file__).resolve().parents[1]))
+    except subprocess.TimeoutExpired:
+        raise _Failure(f"the self-check ran longer than {_TIMEOUT_S}s", lasting=False) from None
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"self-check did not run: {exc}"
+        raise _Failure(f"self-check did not run: {exc}", lasting=False) from exc
     if run.returncode != 0:
         last = (run.stderr.strip() or run.stdout.strip() or f"exit code {run.returncode}").splitlines()[-1]
-        return f"self-check failed: {last}"
-    return None
+        raise _Failure(f"self-check failed: {last}", lasting=True)
 
 
 # --------------------------------------------------------------------------- the graph rewrite
@@ -172,20 +215,25 @@ def fuse_grid(data: bytes) -> tuple[bytes | None, str]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
 
-    def gathered_table(name: str) -> str | None:  # Gather(table, users) -> table name
-        n = producer.get(name)
-        return n.input[0] if n is not None and n.op_type == "Gather" and n.input[1] == "users" and n.input[0] in inits else None
-
     def only_consumer(name: str):
         c = consumers.get(name, [])
         return c[0] if len(c) == 1 else None
+
+    def gathered_table(name: str) -> str | None:
+        """The [n_users, L, 1] table of Gather(table, users, axis 0) feeding only `name`'s user."""
+        n = producer.get(name)
+        if n is None or n.op_type != "Gather" or n.input[1] != "users" or n.input[0] not in inits:
+            return None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        dims = list(inits[n.input[0]].dims)
+        return n.input[0] if axis == 0 and len(dims) == 3 and dims[2] == 1 and only_consumer(name) is not None else None
 
     first = next((n for n in consumers.get("item_mlp", []) if n.op_type == "Max"), None)
     if first is None or gathered_table(first.input[1]) != "user_mlp":
         return None, "no ReLU MLP tower in this graph (GMF, fused or tanh/sigmoid model)"
     chain, floors, weights = [first], ["user_mlp"], []
     node = only_consumer(first.output[0])
-    while node is not None and node.op_type == "MatMul" and node.input[1] == chain[-1].output[0]:
+    while node is not None and node.op_type == "MatMul" and node.input[1] == chain[-1].output[0] and node.input[0] in inits:
         chain.append(node)
         if node.input[0] == "hM":
             break
@@ -203,7 +251,8 @@ def fuse_grid(data: bytes) -> tuple[bytes | None, str]:
     floor_tables = [nh.to_array(inits[t])[:, :, 0] for t in floors]  # [n_users, L_j] each
     dims = [t.shape[1] for t in floor_tables]
     ws = [nh.to_array(inits[w]) for w in weights]
-    if max(dims) > MAX_WIDTH or any(w.shape != (b, a) for w, a, b in zip(ws, dims[:-1], dims[1:])):
+    h = nh.to_array(inits["hM"])
+    if max(dims) > MAX_WIDTH or h.shape != (1, dims[-1]) or any(w.shape != (b, a) for w, a, b in zip(ws, dims[:-1], dims[1:])):
         return None, f"tower widths {dims} not covered by the fused kernel"
     gathers = [producer[n.input[1]] for n in chain if n.op_type == "Max"]
     removed = {id(n) for n in chain + gathers}
@@ -226,7 +275,7 @@ def fuse_grid(data: bytes) -> tuple[bytes | None, str]:
         nh.from_array(np.array(dims, np.int64), "tower_dims"),
         # a tower of one layer has no weights: one unused zero keeps the tensor non-empty
         nh.from_array(np.concatenate([w.ravel() for w in ws] + [np.zeros(1)]).astype(np.float32), "tower_weights"),
-        nh.from_array(nh.to_array(inits["hM"]).ravel().astype(np.float32), "tower_h"),
+        nh.from_array(h.ravel().astype(np.float32), "tower_h"),
     ])
     model.opset_import.append(oh.make_opsetid(DOMAIN, 1))
     return model.SerializeToString(), "fused"
@@ -265,12 +314,12 @@ def tower_node_graph(dims: list[int], n_users: int | None = None):
 
 def fused_session(data: bytes, *, source: str = "model"):
     """(CPU session on the fused graph, note) or (None, why not)."""
-    lib = library()
-    if lib.path is None:
-        return None, lib.note
-    fused, why = fuse_grid(data)
+    fused, why = fuse_grid(data)  # first: a graph without a ReLU tower needs no compiler
     if fused is None:
         return None, f"plain graph: {why}"
+    lib = library()
+    if lib.path is None:
+        return None, f"plain graph: {lib.note}"
     import onnxruntime as ort
 
     try:

@@ -423,7 +423,8 @@ def score_users_ray(
     # Everything that can be checked is checked in the driver before Ray starts.
     users_ds, users_col = bio.open_ids(users_path, "user", "--users")
     model_bytes = read_model_bytes(model_path)
-    scorer = GridScorer.from_bytes(model_bytes, device="cpu", threads=1, source=str(model_path))
+    # the driver only reads metadata and checks inputs: no fused tower to build for it
+    scorer = GridScorer.from_bytes(model_bytes, device="cpu", threads=1, source=str(model_path), fuse=False)
     try:
         user_type, item_type = scorer.user_ids.type, scorer.item_ids.type
         bio.check_id_type(users_ds.schema.field(users_col).type, user_type, users_path, users_col, "user")

@@ -211,17 +211,30 @@ static void compute(void *kernel, void *context) {
         if (((GetInputFn)api[KERNEL_CONTEXT_GET_INPUT])(context, i, &in[i]) ||
             ((MutableDataFn)api[GET_TENSOR_MUTABLE_DATA])(in[i], &data[i]))
             return;
-    int64_t item_shape[2], floor_shape[2], dims_shape[2];
+    int64_t item_shape[2], floor_shape[2], dims_shape[2], weights_shape[2], h_shape[2];
     if (shape_of(api, in[0], item_shape) != 2 || shape_of(api, in[1], floor_shape) != 2 ||
-        shape_of(api, in[2], dims_shape) != 1)
+        shape_of(api, in[2], dims_shape) != 1 || shape_of(api, in[3], weights_shape) != 1 ||
+        shape_of(api, in[4], h_shape) != 1)
+        return;
+    /* shapes that do not fit the tower leave the output unset: ONNX Runtime then fails the run
+       instead of this kernel reading out of bounds */
+    const int64_t *dims = data[2], nl = dims_shape[0];
+    int64_t floors = 0, weights = 0;
+    if (nl < 1) return;
+    for (int64_t l = 0; l < nl; l++) {
+        if (dims[l] < 1 || dims[l] > MAX_WIDTH) return;
+        floors += dims[l];
+        if (l > 0) weights += dims[l - 1] * dims[l];
+    }
+    if (item_shape[0] != dims[0] || floor_shape[1] != floors || weights_shape[0] < weights || h_shape[0] != dims[nl - 1])
         return;
     const int64_t out_shape[3] = {floor_shape[0], 1, item_shape[1]};
     void *out = NULL, *out_data = NULL;
     if (((GetOutputFn)api[KERNEL_CONTEXT_GET_OUTPUT])(context, 0, out_shape, 3, &out) ||
         ((MutableDataFn)api[GET_TENSOR_MUTABLE_DATA])(out, &out_data))
         return;
-    ncf_relu_tower(data[0], item_shape[1], data[1], floor_shape[0], floor_shape[1], data[2], dims_shape[0],
-                   data[3], data[4], out_data);
+    ncf_relu_tower(data[0], item_shape[1], data[1], floor_shape[0], floor_shape[1], dims, nl, data[3], data[4],
+                   out_data);
 }
 
 static const CustomOp RELU_TOWER = {

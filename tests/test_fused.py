@@ -120,3 +120,35 @@ def test_missing_compiler_falls_back(fresh_library):
     fresh_library.setenv("CC", "no-such-compiler-ncf")
     lib = fused.library()
     assert lib.path is None and "no C compiler" in lib.note
+
+
+@needs_library
+def test_compiler_given_with_arguments(fresh_library):
+    fresh_library.setenv("CC", f"env {os.environ.get('CC') or 'cc'}")  # like "ccache cc"
+    lib = fused.library()
+    assert lib.path is not None, lib.note
+
+
+def test_shared_cache_folder_is_refused(fresh_library, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library here
+    fresh_library.setenv("NCF_CACHE_DIR", str(shared))
+    lib = fused.library()
+    assert lib.path is None and "not private" in lib.note
+    sc = GridScorer(case("neumf").grid, device="cpu")  # scoring still works, on the plain graph
+    assert not sc.fused and "not private" in sc.kernel_note
+
+
+def test_graphs_without_a_tower_do_not_build_the_library(fresh_library):
+    fresh_library.setenv("CC", "no-such-compiler-ncf")
+    sc = GridScorer(case("gmf").grid, device="cpu")
+    assert not sc.fused and "no ReLU MLP tower" in sc.kernel_note and fused._library is None
+
+
+def test_auto_device_fuses_when_it_ends_on_cpu():
+    sc = GridScorer(case("neumf").grid, device="auto")
+    on_cpu = sc.provider == "CPUExecutionProvider"
+    assert sc.fused == (on_cpu and fused.library().path is not None)
+    if not on_cpu:
+        assert "CUDA" in sc.kernel_note  # the custom operator is CPU-only; CUDA runs the plain graph
