@@ -642,8 +642,8 @@ def score_users(
         note = " (discarded the parts of an earlier interrupted run; pass --resume to continue one)"
     summary["line"] = (
         f"{summary['users_scored']:,} users scored, {summary['unknown_users']:,} unknown ({summary['unknown_handling']}), "
-        f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s ({seconds - scoring:.1f}s loading) on {scorer.provider}, {scorer.kernel_note}: "
-        f"{summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s{note}"
+        f"{summary['rows']:,} rows -> {out} in {seconds:.1f}s ({seconds - scoring:.1f}s loading) on {scorer.provider} "
+        f"[{scorer.kernel_note}]; scoring {summary['users_per_s']:,.0f} users/s, {summary['pairs_per_s']:,.0f} pairs/s{note}"
     )
     return summary
 
