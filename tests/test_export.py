@@ -97,8 +97,10 @@ def test_grid_topk_equals_brute_force_over_pair_scores(kind, exclude_seen, fuse)
     k = 12
     with GridScorer(c.grid, device="cpu", chunk_users=3, fuse=fuse) as sc:  # 40 users: last chunk padded
         res = sc.topk(users, k, exclude_seen=exclude_seen)
-        relu_tower = kind in ("mlp", "neumf", "neumf-odd", "mlp-one")
-        assert sc.fused == (fuse and relu_tower and fused.library().path is not None)
+        # every grid graph gets the fused masking + top-k; ReLU towers also the fused tower
+        assert sc.fused == (fuse and fused.library().path is not None)
+        tower = kind in ("mlp", "neumf", "neumf-odd", "mlp-one")
+        assert ("ReluTower" in sc.kernel_note) == (sc.fused and tower)
     ref = brute_force_topk(c, users, k, exclude_seen=exclude_seen)
     for u, (items, score, logit) in zip(users, ref):
         np.testing.assert_array_equal(res.items[u], items)

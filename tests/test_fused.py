@@ -1,4 +1,4 @@
-"""The fused CPU tower (batch.fused, batch/relu_tower.c): the operator against numpy, the graph
+"""The fused CPU path (batch.fused, batch/fused_ops.c): both operators against numpy, the graph
 rewrite, and the fall-back to the plain graph when the library cannot be built."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from batch import fused
 from batch.scorer import GridScorer
+from ncf.errors import NcfError
 from tests.onnx_helpers import brute_force_topk, case
 
 HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None
@@ -51,23 +52,40 @@ def test_relu_tower_operator_matches_numpy(dims, users, n):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(ref).max()))
 
 
+@needs_library
+@pytest.mark.parametrize(("rows", "n", "k", "n_excluded"), [(1, 1, 1, 0), (3, 50, 7, 20), (2, 9, 9, 30), (4, 33, 5, 0), (2, 1000, 50, 300)])
+def test_masked_topk_operator_matches_numpy(rows, n, k, n_excluded):
+    rng = np.random.default_rng(rows * 1000 + n + k)
+    sess = ort.InferenceSession(fused.topk_node_graph().SerializeToString(), fused.session_options(fused.library().path),
+                                providers=["CPUExecutionProvider"])
+    logits = rng.integers(-4, 5, (rows, n)).astype(np.float32)  # exact ties everywhere
+    exclude = np.stack([rng.integers(0, rows, n_excluded), rng.integers(0, n, n_excluded)], axis=1).astype(np.int64).reshape(-1, 2)
+    value, position = sess.run(None, {"logits": logits, "exclude": exclude, "k": np.array([k], np.int64)})
+    want_value, want_position = fused._topk_reference(logits, exclude, k)
+    np.testing.assert_array_equal(value, want_value)
+    np.testing.assert_array_equal(position, want_position)
+
+
 @pytest.mark.parametrize("kind", ["gmf", "fused", "neumf-sigmoid"])
-def test_rewrite_leaves_graphs_without_a_relu_tower_alone(kind):
-    data, why = fused.fuse_grid(case(kind).grid.read_bytes())
-    assert data is None and "no ReLU MLP tower" in why
+def test_rewrite_without_a_relu_tower_fuses_only_the_top_k(kind):
+    data, note = fused.fuse_grid(case(kind).grid.read_bytes())
+    assert data is not None and "no ReLU MLP tower" in note and "ReluTower" not in note
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert ops.count("MaskedTopK") == 1 and not {"ReluTower", "TopK", "ScatterND"} & set(ops)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "neumf", "neumf-odd", "mlp-one"])
-def test_rewrite_replaces_the_tower_chain_by_one_node(kind):
+def test_rewrite_replaces_the_tower_chain_and_the_top_k(kind):
     plain = onnx.load(str(case(kind).grid))
-    data, why = fused.fuse_grid(plain.SerializeToString())
-    assert data is not None, why
+    data, note = fused.fuse_grid(plain.SerializeToString())
+    assert data is not None and note == "ai.ncf.ReluTower + ai.ncf.MaskedTopK"
     g = onnx.load_from_string(data).graph
     ops = [n.op_type for n in g.node]
-    assert ops.count("ReluTower") == 1 and "Max" not in ops
+    assert ops.count("ReluTower") == 1 and ops.count("MaskedTopK") == 1
+    assert not {"Max", "TopK", "ScatterND", "Expand"} & set(ops)
     assert ops.count("MatMul") == (1 if kind.startswith("neumf") else 0)  # only the GMF product is left
     inits = {t.name for t in g.initializer}
-    assert not {"hM", "user_mlp", "W2"} & inits and {"tower_floors", "item_mlp"} <= inits
+    assert not {"hM", "user_mlp", "W2", "neginf"} & inits and {"tower_floors", "item_mlp"} <= inits
     # what the scorer relies on: same inputs (item tables still overridable), outputs, metadata
     assert [i.name for i in g.input] == [i.name for i in plain.graph.input]
     assert [o.name for o in g.output] == [o.name for o in plain.graph.output]
@@ -140,10 +158,11 @@ def test_shared_cache_folder_is_refused(fresh_library, tmp_path):
     assert not sc.fused and "not private" in sc.kernel_note
 
 
-def test_graphs_without_a_tower_do_not_build_the_library(fresh_library):
+def test_a_graph_with_nothing_to_fuse_does_not_build_the_library(fresh_library):
     fresh_library.setenv("CC", "no-such-compiler-ncf")
-    sc = GridScorer(case("gmf").grid, device="cpu")
-    assert not sc.fused and "no ReLU MLP tower" in sc.kernel_note and fused._library is None
+    with pytest.raises(NcfError, match="per-pair graph"):  # the plain loader's one line, as before
+        GridScorer(case("neumf").pair, device="cpu")
+    assert fused._library is None
 
 
 def test_auto_device_fuses_when_it_ends_on_cpu():

@@ -8,7 +8,7 @@ Same random NeuMF weights (paper defaults: 8 factors, MLP 64-32-16-8) for both p
   (c) a larger synthetic grid, 100,000 users x 20,000 items, 50 seen items per user.
 Baseline: the per-pair ONNX graph (model.pair.onnx) fed every (user, item) pair of a chunk of
 users, seen items set to -inf, top-k by numpy argpartition + sort. Ours: `GridScorer.topk`
-(the grid graph with its ReLU tower fused into one custom operator, batch/fused.py) and the
+(the grid graph with its ReLU tower and its masked top-k as custom operators, batch/fused.py) and the
 whole `score_users` run (Parquet in, Parquet out); as an ablation, `GridScorer.topk` on the plain
 grid graph (every tower layer a separate ONNX operator). All exclude the seen items. The slow baseline and the large grid run on samples of users (sizes printed).
 This shared VM's speed drifts by tens of percent within seconds, so the paths take turns:
