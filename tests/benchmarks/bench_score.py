@@ -3,7 +3,8 @@
     .venv/bin/python tests/benchmarks/bench_score.py [--quick]
 
 Same random NeuMF weights (paper defaults: 8 factors, MLP 64-32-16-8) for both paths:
-  (a) the machine's fp32 matmul rate (numpy, 2048^2), the yardstick for the FLOP fraction;
+  (a) the machine's fp32 matmul rate (numpy, 2048^2; the best of measurements at the start and
+      before every round, as this VM's speed drifts), the yardstick for the FLOP fraction;
   (b) an ML-1M-sized grid, 6,040 users x 3,706 items, ~160 seen items per user;
   (c) a larger synthetic grid, 100,000 users x 20,000 items, 50 seen items per user.
 Baseline: the per-pair ONNX graph (model.pair.onnx) fed every (user, item) pair of a chunk of
@@ -152,6 +153,7 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
         sc.topk(ours_users[: 4 * chunk * threads], K)
         plain.topk(ours_users[: 4 * plain.chunk_users * threads], K)
         for r in range(rounds):
+            gflops = max(gflops, matmul_gflops(reps=2))  # the yardstick: the best this run saw
             b_rate, b_top = baseline(sess, base_users, n_items, indptr, seen)
             p_rate, _ = ours_topk(plain, ours_users)
             o_rate, o_res = ours_topk(sc, ours_users)
@@ -177,6 +179,8 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
     def share(rate):
         return f"{rate * fpp / 1e9 / gflops:6.1%} of FLOP limit"
 
+    print(f"  FLOP limit: numpy fp32 matmul at its best in this run, {gflops:.1f} GFLOP/s -> {gflops * 1e9 / fpp / 1e6:.1f} M pairs/s")
+
     print(f"  baseline  per-pair graph + numpy top-k          users={len(base_users):>7,}  {med['baseline'] / 1e6:7.2f} M pairs/s  "
           f"{share(med['baseline'])}")
     print(f"  ablation  GridScorer.topk, plain graph (B={plain.chunk_users})    users={len(ours_users):>7,}  {med['plain'] / 1e6:7.2f} M pairs/s  "
@@ -186,7 +190,7 @@ def grid(name, tmp, n_users, n_items, seen_per_user, base_sample, ours_sample, g
     print(f"  ours      score_users (Parquet in/out)         users={s_sum['users_scored']:>7,}  {med['score'] / 1e6:7.2f} M pairs/s  "
           f"{share(med['score'])}   {ratio_text('score')}   (+{s_sum['seconds'] - s_sum['scoring_seconds']:.1f}s loading the model)")
     print(f"  top-{K} agreement with the baseline on {len(common)} common users: {agree:.4f}")
-    return {**med, "ratio": float(np.median(ratios["score"])), "ratio_topk": float(np.median(ratios["topk"])),
+    return {**med, "gflops": gflops, "ratio": float(np.median(ratios["score"])), "ratio_topk": float(np.median(ratios["topk"])),
             "ratio_plain": float(np.median(ratios["plain"]))}
 
 
