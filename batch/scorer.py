@@ -226,9 +226,10 @@ class GridScorer:
             self.session, self.provider, self.device_note = make_session(data, device, intra_threads=1, source=source)
             if self.provider != CPU_EP:
                 self.kernel_note = "plain graph on CUDA"
-            elif fuse and device != "cpu":  # auto that ended on CPU: now try the fused tower
+            elif fuse and device != "cpu":  # auto that ended on CPU: now try the fused graph,
+                self.session = None  # without holding the plain session's memory meanwhile
                 fused, self.kernel_note = fused_session(data, source=source)
-                self.session = fused or self.session
+                self.session = fused or make_session(data, "cpu", intra_threads=1, source=source)[0]
         self.fused = fused is not None
         try:
             props = self.session.get_modelmeta().custom_metadata_map
