@@ -7,8 +7,8 @@ import onnx
 import pytest
 import torch
 
-from batch import fused
 from batch import modelfile as mf
+from batch import oplib
 from batch.scorer import GridScorer
 from export import onnx_export as ox
 from ncf.errors import NcfError
@@ -98,7 +98,7 @@ def test_grid_topk_equals_brute_force_over_pair_scores(kind, exclude_seen, fuse)
     with GridScorer(c.grid, device="cpu", chunk_users=3, fuse=fuse) as sc:  # 40 users: last chunk padded
         res = sc.topk(users, k, exclude_seen=exclude_seen)
         # every grid graph gets the fused masking + top-k; ReLU towers also the fused tower
-        assert sc.fused == (fuse and fused.library().path is not None)
+        assert sc.fused == (fuse and oplib.library().path is not None)
         tower = kind in ("mlp", "neumf", "neumf-odd", "mlp-one")
         assert ("ReluTower" in sc.kernel_note) == (sc.fused and tower)
     ref = brute_force_topk(c, users, k, exclude_seen=exclude_seen)

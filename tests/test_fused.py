@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from batch import fused
+from batch import fused, oplib
 from batch.scorer import GridScorer
 from ncf.errors import NcfError
 from tests.onnx_helpers import brute_force_topk, case
@@ -25,13 +25,13 @@ needs_library = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the fused
 def fresh_library(monkeypatch, tmp_path):
     """A library state of its own (cache dir, environment); the real one is restored after."""
     monkeypatch.setenv("NCF_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(oplib, "_library", None)
     return monkeypatch
 
 
 @needs_library
 def test_library_builds_where_a_compiler_exists():
-    lib = fused.library()
+    lib = oplib.library()
     assert lib.path is not None and lib.path.is_file(), lib.note
 
 
@@ -40,7 +40,7 @@ def test_library_builds_where_a_compiler_exists():
 @pytest.mark.parametrize(("users", "n"), [(1, 1), (3, 15), (2, 16), (1, 17), (5, 100)])
 def test_relu_tower_operator_matches_numpy(dims, users, n):
     rng = np.random.default_rng(len(dims) * 100 + users * 10 + n)
-    sess = ort.InferenceSession(fused.tower_node_graph(dims).SerializeToString(), fused.session_options(fused.library().path),
+    sess = ort.InferenceSession(fused.tower_node_graph(dims).SerializeToString(), oplib.session_options(oplib.library().path),
                                 providers=["CPUExecutionProvider"])
     item = rng.standard_normal((dims[0], n)).astype(np.float32)
     floors = rng.standard_normal((users, sum(dims))).astype(np.float32)
@@ -56,7 +56,7 @@ def test_relu_tower_operator_matches_numpy(dims, users, n):
 @pytest.mark.parametrize(("rows", "n", "k", "n_excluded"), [(1, 1, 1, 0), (3, 50, 7, 20), (2, 9, 9, 30), (4, 33, 5, 0), (2, 1000, 50, 300)])
 def test_masked_topk_operator_matches_numpy(rows, n, k, n_excluded):
     rng = np.random.default_rng(rows * 1000 + n + k)
-    sess = ort.InferenceSession(fused.topk_node_graph().SerializeToString(), fused.session_options(fused.library().path),
+    sess = ort.InferenceSession(fused.topk_node_graph().SerializeToString(), oplib.session_options(oplib.library().path),
                                 providers=["CPUExecutionProvider"])
     logits = rng.integers(-4, 5, (rows, n)).astype(np.float32)  # exact ties everywhere
     exclude = np.stack([rng.integers(0, rows, n_excluded), rng.integers(0, n, n_excluded)], axis=1).astype(np.int64).reshape(-1, 2)
@@ -130,20 +130,20 @@ def test_unusable_compiler_falls_back_to_the_plain_graph(fresh_library, tmp_path
         np.testing.assert_array_equal(res.items[u], items)
     # the failure is remembered: no second compile attempt for this compiler and CPU
     assert list((tmp_path / "cache").glob("*.bad"))
-    fresh_library.setattr(fused, "_library", None)
-    assert "compile error" in fused.library().note
+    fresh_library.setattr(oplib, "_library", None)
+    assert "compile error" in oplib.library().note
 
 
 def test_missing_compiler_falls_back(fresh_library):
     fresh_library.setenv("CC", "no-such-compiler-ncf")
-    lib = fused.library()
+    lib = oplib.library()
     assert lib.path is None and "no C compiler" in lib.note
 
 
 @needs_library
 def test_compiler_given_with_arguments(fresh_library):
     fresh_library.setenv("CC", f"env {os.environ.get('CC') or 'cc'}")  # like "ccache cc"
-    lib = fused.library()
+    lib = oplib.library()
     assert lib.path is not None, lib.note
 
 
@@ -152,7 +152,7 @@ def test_shared_cache_folder_is_refused(fresh_library, tmp_path):
     shared.mkdir()
     shared.chmod(0o777)  # anyone could plant a library here
     fresh_library.setenv("NCF_CACHE_DIR", str(shared))
-    lib = fused.library()
+    lib = oplib.library()
     assert lib.path is None and "not private" in lib.note
     sc = GridScorer(case("neumf").grid, device="cpu")  # scoring still works, on the plain graph
     assert not sc.fused and "not private" in sc.kernel_note
@@ -162,12 +162,12 @@ def test_a_graph_with_nothing_to_fuse_does_not_build_the_library(fresh_library):
     fresh_library.setenv("CC", "no-such-compiler-ncf")
     with pytest.raises(NcfError, match="per-pair graph"):  # the plain loader's one line, as before
         GridScorer(case("neumf").pair, device="cpu")
-    assert fused._library is None
+    assert oplib._library is None
 
 
 def test_auto_device_fuses_when_it_ends_on_cpu():
     sc = GridScorer(case("neumf").grid, device="auto")
     on_cpu = sc.provider == "CPUExecutionProvider"
-    assert sc.fused == (on_cpu and fused.library().path is not None)
+    assert sc.fused == (on_cpu and oplib.library().path is not None)
     if not on_cpu:
         assert "CUDA" in sc.kernel_note  # the custom operator is CPU-only; CUDA runs the plain graph
