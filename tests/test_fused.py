@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -152,6 +153,7 @@ def test_shared_cache_folder_is_refused(fresh_library, tmp_path):
     shared.mkdir()
     shared.chmod(0o777)  # anyone could plant a library here
     fresh_library.setenv("NCF_CACHE_DIR", str(shared))
+    fresh_library.setenv("CC", sys.executable)  # any program that answers --version: the folder is checked first
     lib = oplib.library()
     assert lib.path is None and "not private" in lib.note
     sc = GridScorer(case("neumf").grid, device="cpu")  # scoring still works, on the plain graph
