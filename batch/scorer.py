@@ -5,12 +5,13 @@ The same class serves the local `ncf score` path and one actor of a distributed 
 (build it from the model bytes with `GridScorer.from_bytes`).
 
 Execution:
-* CPU: the graph with its ReLU tower fused into one custom operator where that can be built
-  (`batch.fused`; otherwise the plain graph), one session with intra-op threads = 1, run concurrently from `threads` Python threads
-  (ONNX Runtime releases the GIL), each on its own chunk of `chunk_users` users against all
-  candidates. Chunks this small keep the [B, L1, N] intermediates near the cache; running
-  whole chunks in parallel avoids the per-operator fork/join of intra-op threading, which was
-  measured to cost more than it gives on these small operators.
+* CPU: the graph with its ReLU tower and its masked top-k as custom operators where the
+  operator library can be built (`batch.fused`), else the plain graph; one session with
+  intra-op threads = 1, run concurrently from `threads` Python threads (ONNX Runtime releases
+  the GIL), each on its own chunk of `chunk_users` users against all candidates. Running whole
+  chunks in parallel avoids the per-operator fork/join of intra-op threading, which was
+  measured to cost more than it gives on these small operators. The plain graph wants small
+  chunks that keep its [B, L1, N] intermediates near the cache; the fused one larger chunks.
 * CUDA: one session, larger chunks, I/O binding: the item tables stay on the device (an
   OrtValue made once), inputs are tiny and the outputs are bound to host memory because only
   B x k values leave.
@@ -152,6 +153,26 @@ def _cuda_reason(log: str) -> str:
     return "no GPU, or the CUDA/cuDNN libraries are missing"
 
 
+def _open_session(data: bytes, device: str, *, fuse: bool, source: str):
+    """(session, provider, device note, kernel note, fused): on CPU the fused graph where it
+    can run (`batch.fused`), else the plain graph of `make_session`."""
+    note = "plain graph (fusion not requested)"
+    if fuse and device == "cpu":  # certain to run on CPU: no plain session to build first
+        session, note = fused_session(data, source=source)
+        if session is not None:
+            return session, CPU_EP, "CPU requested", note, True
+    session, provider, device_note = make_session(data, device, intra_threads=1, source=source)
+    if provider != CPU_EP:
+        return session, provider, device_note, "plain graph on CUDA", False
+    if fuse and device != "cpu":  # auto that ended on CPU: try the fused graph now,
+        del session  # without holding the plain session's memory meanwhile
+        fused, note = fused_session(data, source=source)
+        if fused is not None:
+            return fused, CPU_EP, device_note, note, True
+        session = make_session(data, "cpu", intra_threads=1, source=source)[0]
+    return session, provider, device_note, note, False
+
+
 def _bucket(n: int) -> int:
     return 0 if n == 0 else max(16, 1 << (n - 1).bit_length())
 
@@ -217,20 +238,8 @@ class GridScorer:
             data = bytes(model)
             source = source or "model bytes"
         self.source = source
-        fused, self.kernel_note = None, "plain graph (fusion not requested)"
-        if fuse and device == "cpu":  # certain to run on CPU: no plain session to build first
-            fused, self.kernel_note = fused_session(data, source=source)
-        if fused is not None:
-            self.session, self.provider, self.device_note = fused, CPU_EP, "CPU requested"
-        else:
-            self.session, self.provider, self.device_note = make_session(data, device, intra_threads=1, source=source)
-            if self.provider != CPU_EP:
-                self.kernel_note = "plain graph on CUDA"
-            elif fuse and device != "cpu":  # auto that ended on CPU: now try the fused graph,
-                self.session = None  # without holding the plain session's memory meanwhile
-                fused, self.kernel_note = fused_session(data, source=source)
-                self.session = fused or make_session(data, "cpu", intra_threads=1, source=source)[0]
-        self.fused = fused is not None
+        (self.session, self.provider, self.device_note, self.kernel_note, self.fused) = _open_session(
+            data, device, fuse=fuse, source=source)
         try:
             props = self.session.get_modelmeta().custom_metadata_map
         except Exception as exc:  # pragma: no cover - ORT always has a meta object
