@@ -87,6 +87,7 @@ def fuse_grid(data: bytes) -> tuple[bytes | None, str]:
 def _fuse_topk(graph: _Graph) -> str | None:
     """ScatterND(logits, exclude, -inf) -> TopK(k) as one MaskedTopK; None when done, else why not."""
     from onnx import helper as oh
+    from onnx import numpy_helper as nh
 
     topk = next((n for n in graph.g.node if n.op_type == "TopK" and list(n.output) == ["logit", "position"]), None)
     scatter = graph.producer.get(topk.input[0]) if topk is not None else None
@@ -95,8 +96,13 @@ def _fuse_topk(graph: _Graph) -> str | None:
     attrs = {a.name: a.i for a in topk.attribute}
     if attrs.get("axis", -1) not in (1, -1) or attrs.get("largest", 1) != 1 or attrs.get("sorted", 1) != 1:
         return "unexpected top-k attributes"
+    if graph.only_consumer(scatter.output[0]) is not topk or any(a.name == "reduction" and a.s not in (b"", b"none") for a in scatter.attribute):
+        return "unexpected masking/top-k structure"
     expand = graph.producer.get(scatter.input[2])  # the -inf updates: Expand(neginf, Shape(exclude))
-    feeding = [expand] if expand is not None and graph.only_consumer(scatter.input[2]) is scatter else []
+    fill = graph.inits.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+    if fill is None or not np.all(nh.to_array(fill) == -np.inf):
+        return "the masked entries are not set to -inf"
+    feeding = [expand] if graph.only_consumer(scatter.input[2]) is scatter else []
     shape = graph.producer.get(expand.input[1]) if feeding else None
     if shape is not None and graph.only_consumer(expand.input[1]) is expand:
         feeding.append(shape)
