@@ -75,7 +75,7 @@ def library() -> Library:
         try:
             _library = _build()
         except (OSError, RuntimeError) as exc:  # no home directory, unreadable cache, ...
-            _library = Library(None, f"fused tower unavailable: {exc}")
+            _library = Library(None, f"fused operators unavailable: {exc}")
     return _library
 
 
@@ -99,10 +99,10 @@ def _private_folder(folder: Path) -> None:
 
 def _build() -> Library:
     if os.environ.get("NCF_FUSED", "1") == "0":
-        return Library(None, "fused tower disabled (NCF_FUSED=0)")
+        return Library(None, "fused operators disabled (NCF_FUSED=0)")
     cc, version = _compiler()
     if cc is None:
-        return Library(None, f"fused tower unavailable: {version}")
+        return Library(None, f"fused operators unavailable: {version}")
     import onnxruntime as ort
 
     # a new source, compiler, CPU or runtime gets its own build and its own self-check
@@ -114,7 +114,7 @@ def _build() -> Library:
     bad = target.with_suffix(".bad")
     with _lock(folder / f"fused_ops-{key}.lock"):  # one builder per machine; the others wait
         if bad.exists():
-            return Library(None, f"fused tower unavailable: {bad.read_text().strip()} (delete {bad} to retry)")
+            return Library(None, f"fused operators unavailable: {bad.read_text().strip()} (delete {bad} to retry)")
         if target.exists():
             return Library(target, "")
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -125,7 +125,7 @@ def _build() -> Library:
             except _Failure as failure:
                 if failure.lasting:
                     bad.write_text(f"{failure}\n")
-                return Library(None, f"fused tower unavailable: {failure}")
+                return Library(None, f"fused operators unavailable: {failure}")
             os.replace(built, target)
     return Library(target, "compiled now")
 

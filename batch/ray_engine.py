@@ -423,7 +423,7 @@ def score_users_ray(
     # Everything that can be checked is checked in the driver before Ray starts.
     users_ds, users_col = bio.open_ids(users_path, "user", "--users")
     model_bytes = read_model_bytes(model_path)
-    # the driver only reads metadata and checks inputs: no fused tower to build for it
+    # the driver only reads metadata and checks inputs: no fused operators to build for it
     scorer = GridScorer.from_bytes(model_bytes, device="cpu", threads=1, source=str(model_path), fuse=False)
     try:
         user_type, item_type = scorer.user_ids.type, scorer.item_ids.type

@@ -41,7 +41,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_PAIRS_PER_CHUNK = 24_576  # plain graph, measured on a 2-core EPYC: 6-9 users x 3,706 items, 1-2 x 20,000 best
-# fused tower: its intermediates stay in registers, so larger calls only spread the per-call
+# fused graph: its tower intermediates stay in registers, so larger calls only spread the per-call
 # cost thinner (2-core EPYC, 2 threads: 8 -> 64 users x 3,706 items +11%, 1 -> 8 x 20,000 +46%)
 FUSED_PAIRS_PER_CHUNK = 1 << 17
 CUDA_PAIRS_PER_CHUNK = 1 << 22

@@ -19,7 +19,7 @@ from ncf.errors import NcfError
 from tests.onnx_helpers import brute_force_topk, case
 
 HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None
-needs_library = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the fused tower cannot be built here")
+needs_library = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the fused operators cannot be built here")
 
 
 @pytest.fixture
