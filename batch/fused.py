@@ -181,7 +181,7 @@ def _reference(item, floors, dims, weights, h) -> np.ndarray:
     return np.einsum("j,bjn->bn", h.astype(np.float64), x)[:, None, :]
 
 
-def tower_node_graph(dims: list[int], n_users: int | None = None):
+def tower_node_graph(dims: list[int]):
     """A one-node graph around ReluTower (self-check and tests)."""
     from onnx import TensorProto
     from onnx import helper as oh
@@ -190,7 +190,7 @@ def tower_node_graph(dims: list[int], n_users: int | None = None):
     node = oh.make_node(OP, ["item", "floors", "dims", "weights", "h"], ["out"], domain=DOMAIN)
     inputs = [
         oh.make_tensor_value_info("item", TensorProto.FLOAT, [dims[0], "n"]),
-        oh.make_tensor_value_info("floors", TensorProto.FLOAT, [n_users or "b", f]),
+        oh.make_tensor_value_info("floors", TensorProto.FLOAT, ["b", f]),
         oh.make_tensor_value_info("dims", TensorProto.INT64, [len(dims)]),
         oh.make_tensor_value_info("weights", TensorProto.FLOAT, ["w"]),
         oh.make_tensor_value_info("h", TensorProto.FLOAT, [dims[-1]]),
@@ -266,8 +266,8 @@ def _check_main(lib: str) -> int:
     if not worst <= 1e-5:
         print(f"ReluTower differs from numpy by {worst:.1e}", file=sys.stderr)
         return 1
+    sess = ort.InferenceSession(topk_node_graph().SerializeToString(), session_options(Path(lib)), providers=["CPUExecutionProvider"])
     for rows, n, k in ((3, 40, 7), (2, 9, 9), (1, 1, 1)):
-        sess = ort.InferenceSession(topk_node_graph().SerializeToString(), session_options(Path(lib)), providers=["CPUExecutionProvider"])
         logits = rng.integers(-3, 4, (rows, n)).astype(np.float32)  # many exact ties
         exclude = np.stack([rng.integers(0, rows, 5), rng.integers(0, n, 5)], axis=1).astype(np.int64)
         value, position = sess.run(None, {"logits": logits, "exclude": exclude, "k": np.array([k], np.int64)})

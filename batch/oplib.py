@@ -162,8 +162,8 @@ def _compile(cc: list[str], out: Path) -> None:
 
 
 def _self_check(lib: Path) -> None:
-    """Run the operator on small random towers in a child process (a crash there cannot take
-    the caller down) and compare with numpy."""
+    """Run both operators on small random cases in a child process (a crash there cannot take
+    the caller down) and compare them with numpy."""
     try:
         run = subprocess.run([sys.executable, "-m", "batch.fused", str(lib)], check=False, capture_output=True, text=True,
                              timeout=_TIMEOUT_S, cwd=str(Path(__file__).resolve().parents[1]))
@@ -174,9 +174,6 @@ def _self_check(lib: Path) -> None:
     if run.returncode != 0:
         last = (run.stderr.strip() or run.stdout.strip() or f"exit code {run.returncode}").splitlines()[-1]
         raise _Failure(f"self-check failed: {last}", lasting=True)
-
-
-# --------------------------------------------------------------------------- the graph rewrite
 
 
 def session_options(lib: Path):
